@@ -1,0 +1,71 @@
+"""Shared command-line plumbing: clean error reporting and quiet logs."""
+
+import logging
+import os
+import sys
+
+import jax
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+
+from scm_jax.errors import ConfigError, ScmJaxError
+
+
+def enable_compilation_cache() -> None:
+  """Persistent XLA cache: a resumed or repeated run skips recompiling its step.
+
+  Location: $SCM_JAX_COMPILATION_CACHE (empty string disables), else JAX's own
+  JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/scm_jax/xla.
+  """
+  path = os.environ.get('SCM_JAX_COMPILATION_CACHE',
+                        os.environ.get('JAX_COMPILATION_CACHE_DIR',
+                                       os.path.expanduser('~/.cache/scm_jax/xla')))
+  if path:
+    jax.config.update('jax_compilation_cache_dir', path)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def run(main):
+  """absl.app.run(main), printing ScmJaxError as one `error:` line (exit code 2)."""
+  def wrapped(argv):
+    logging.getLogger('jax').setLevel(logging.WARNING)  # backend-probing chatter
+    absl_logging.set_verbosity(absl_logging.WARNING)    # orbax's per-save INFO lines
+    enable_compilation_cache()
+    try:
+      return main(argv)
+    except ScmJaxError as e:
+      _fail(str(e))
+  app.run(wrapped, flags_parser=_parse_flags)
+
+
+def config_value(holder):
+  """The loaded ConfigDict of a DEFINE_config_file flag, or a ConfigError saying why not."""
+  import ml_collections
+  try:
+    value = holder.value
+    if not isinstance(value, ml_collections.ConfigDict):
+      value.keys()  # a deferred load failure raises here
+  except OSError as e:
+    raise ConfigError(f'could not load the config file: {e}') from None
+  return value
+
+
+def _parse_flags(argv):
+  """Flag parsing that reports a bad --config.x override in one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e}\nPass --helpfull to see the flags.')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = e.args[0] if e.args else str(e)
+    msg = str(msg).replace('\\n', ' ').replace('\n', ' ').replace('\\', '').strip("'\"")
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    _fail(f'invalid config override ({msg}). Overrides given: {" ".join(bad) or "none"}. '
+          'Field names are those of the recipe file (see scm_jax/config.py).')
+
+
+def _fail(msg: str):
+  print(f'error: {msg}', file=sys.stderr)
+  sys.exit(2)

@@ -1,0 +1,100 @@
+"""Residual MLP for low-dimensional data [B, D] (the 2-D toy problems)."""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scm_jax.errors import ConfigError
+from scm_jax.models import layers
+
+
+class ResidualBlock(nn.Module):
+  """Pre-norm residual block: x + Dense(drop(Dense(SiLU(AdaptiveNorm(x, emb)))))."""
+  width: int
+  norm_mode: str = 'double'
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    h = layers.AdaptiveNorm(mode=self.norm_mode, norm='layer', dtype=self.dtype,
+                            name='norm')(x, emb)
+    h = nn.Dense(self.width, dtype=self.dtype, name='dense0')(nn.silu(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.Dense(self.width, dtype=self.dtype, name='dense1')(h)
+    return x + h
+
+
+class MLP(nn.Module):
+  """sCM network for vectors: F_theta(x/sigma_d, t) and the log-weight w_phi(t).
+
+  Input Dense -> `depth` residual blocks modulated by the time(+label) embedding
+  -> LayerNorm -> SiLU -> zero-initialized output Dense (so F = 0 at init).
+
+  Attributes:
+    width: hidden width.
+    depth: number of residual blocks.
+    time_embed_dim: width of the conditioning embedding.
+    time_embed_scale: multiplies t before the time embedding (and the logvar head).
+    time_embed_kind: 'positional' or 'fourier' (ablation; see layers.TimeEmbedding).
+    fourier_scale: std of the Fourier frequencies when time_embed_kind='fourier'.
+    norm_mode: 'double' (sCM adaptive double normalization) or 'adagn'.
+    dropout: dropout rate inside the residual blocks (train=True only).
+    num_classes: number of classes; 0 means unconditional. Label `num_classes`
+      is the null class for classifier-free guidance.
+    logvar_channels: width of the positional embedding of the logvar head.
+    dtype: compute dtype of the Denses, 'float32' or 'bfloat16'.
+  """
+  width: int = 256
+  depth: int = 4
+  time_embed_dim: int = 128
+  time_embed_scale: float = 10.0
+  time_embed_kind: str = 'positional'
+  fourier_scale: float = 16.0
+  norm_mode: str = 'double'
+  dropout: float = 0.0
+  num_classes: int = 0
+  logvar_channels: int = 128
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    # Fail at build time, not at the first trace.
+    layers.resolve_dtype(self.dtype)
+    layers.check_choice('time_embed_kind', self.time_embed_kind,
+                        layers.TIME_EMBED_KINDS)
+    layers.check_choice('norm_mode', self.norm_mode, layers.NORM_MODES)
+    for field in ('width', 'time_embed_dim', 'logvar_channels'):
+      if getattr(self, field) <= 0:
+        raise ConfigError(f'model.{field} must be positive, got '
+                          f'{getattr(self, field)}.')
+    if self.depth < 0 or self.num_classes < 0:
+      raise ConfigError('model.depth and model.num_classes must be >= 0.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array,
+               labels: Optional[jax.Array] = None, *,
+               train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Returns (F [B, D] float32, logvar [B] float32)."""
+    if x.ndim != 2:
+      raise ConfigError(
+          f"Model 'mlp' takes vectors [B, D] but got inputs of shape {x.shape}; "
+          "use model.name='unet' for images.")
+    dtype = layers.resolve_dtype(self.dtype)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
+    emb = layers.Conditioning(
+        self.time_embed_dim, self.time_embed_scale, self.time_embed_kind,
+        self.fourier_scale, num_classes=self.num_classes, name='cond')(t, labels)
+
+    h = nn.Dense(self.width, dtype=dtype, name='dense_in')(x)
+    for i in range(self.depth):
+      h = ResidualBlock(self.width, self.norm_mode, self.dropout, dtype,
+                        name=f'block{i}')(h, emb, train)
+    h = nn.LayerNorm(dtype=jnp.float32, name='norm_out')(h)
+    out = nn.Dense(x.shape[-1], dtype=dtype, kernel_init=nn.initializers.zeros,
+                   name='dense_out')(nn.silu(h))
+    logvar = layers.LogVarHead(self.logvar_channels, self.time_embed_scale,
+                               name='logvar')(t)
+    return out.astype(jnp.float32), logvar

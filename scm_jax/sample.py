@@ -1,0 +1,75 @@
+"""Sample: python -m scm_jax.sample --workdir=DIR --steps=2 --num=64 --out=FILE.
+
+Writes FILE.npz (key 'x', plus 'label' for conditional models) and FILE.png (an image
+grid, or a scatter plot for 2-D data). Consistency models use 1/2/.. -step consistency
+sampling; --ode=N integrates the PF-ODE with N steps instead (teachers).
+"""
+
+import os
+
+import jax
+import numpy as np
+from absl import flags
+
+from scm_jax import cli
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to load.')
+_STEPS = flags.DEFINE_integer('steps', 2, 'Consistency sampling steps (1, 2, ...).')
+_ODE = flags.DEFINE_integer('ode', 0, 'If > 0: PF-ODE sampling with this many steps.')
+_SOLVER = flags.DEFINE_enum('solver', None, ['euler', 'heun', 'ddim'], 'PF-ODE solver.')
+_NUM = flags.DEFINE_integer('num', 64, 'Number of samples.')
+_OUT = flags.DEFINE_string('out', None, 'Output path without extension (default: '
+                           'WORKDIR/samples/sample_<steps>).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_EMA = flags.DEFINE_string('ema', None, "EMA to use ('params' = raw weights).")
+_T_MID = flags.DEFINE_float('t_mid', None, '2-step intermediate time (default config).')
+_LABELS = flags.DEFINE_list('labels', None, 'Class labels (cycled over samples).')
+_GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.')
+_CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  del argv
+  from scm_jax import visualize
+  from scm_jax.errors import ConfigError
+  from scm_jax.train import loop
+
+  overrides = {}
+  if _T_MID.value is not None:
+    overrides['sample.t_mid'] = _T_MID.value
+  if _SOLVER.value is not None:
+    overrides['sample.ode_solver'] = _SOLVER.value
+  exp, state = loop.load_experiment(_WORKDIR.value, overrides, _CKPT_STEP.value)
+  labels = None
+  if _LABELS.value:
+    if not exp.num_classes:
+      raise ConfigError('--labels given, but this model is unconditional (num_classes=0).')
+    wanted = np.array([int(v) for v in _LABELS.value])
+    if wanted.min() < 0 or wanted.max() >= exp.num_classes:
+      raise ConfigError(f'--labels must be in [0, {exp.num_classes - 1}].')
+    labels = np.resize(wanted, _NUM.value)
+  method = 'ode' if _ODE.value > 0 or not exp.is_consistency_model else 'consistency'
+  steps = _ODE.value or (_STEPS.value if method == 'consistency' else exp.config.sample.ode_steps)
+  x = exp.sample(state, _NUM.value, steps, key=jax.random.PRNGKey(_SEED.value),
+                 labels=labels, ema=_EMA.value, method=method, guidance=_GUIDANCE.value)
+  name = f'sample_{steps}step' if method == 'consistency' else f'sample_ode{steps}'
+  out = _OUT.value or os.path.join(_WORKDIR.value, 'samples', name)
+  out = out[:-4] if out.endswith(('.npz', '.png')) else out
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  arrays = {'x': x}
+  if labels is not None or exp.num_classes:
+    arrays['label'] = np.asarray(labels if labels is not None else np.arange(len(x)) % exp.num_classes)
+  np.savez(out + '.npz', **arrays)
+  reference = None
+  if x.ndim == 2 and x.shape[1] == 2:
+    reference = exp.source.get(np.arange(min(len(exp.source), 2000)))['x']
+  if x.ndim == 4 or (x.ndim == 2 and x.shape[1] == 2):
+    from PIL import Image
+    Image.fromarray(visualize.samples_to_image(x, reference, name).squeeze()).save(out + '.png')
+  print(f'wrote {out}.npz' + (f' and {out}.png' if os.path.exists(out + '.png') else '') +
+        f': {x.shape[0]} samples, shape {x.shape[1:]}, range [{x.min():.3f}, {x.max():.3f}]')
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,116 @@
+"""Device mesh, parameter sharding rules and batch placement.
+
+The mesh has axes ('data', 'fsdp'); the batch is split over both (FSDP is data parallel
+with sharded parameters). Parameter placement is data, not code: `config.sharding.rules`
+maps regexes on the pytree path to a PartitionSpec; unmatched leaves follow the strategy
+('replicate', or 'fsdp': shard the largest dimension divisible by the fsdp axis size).
+The same model code then runs on one device or a pod.
+"""
+
+import re
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from scm_jax.errors import ConfigError
+
+MESH_AXES = ('data', 'fsdp')
+BATCH_AXES = ('data', 'fsdp')
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] = None) -> Mesh:
+  """Builds the ('data', 'fsdp') mesh; mesh.data = -1 takes all remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  fsdp = int(mesh_config.fsdp)
+  data = int(mesh_config.data)
+  if data == -1:
+    if n % fsdp:
+      raise ConfigError(f'config.mesh.fsdp={fsdp} does not divide the {n} devices; '
+                        'choose a divisor of the device count.')
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ConfigError(f'config.mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but '
+                      f'{n} are available; set config.mesh.data=-1 to use them all.')
+  return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every mesh axis; other axes replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in path)
+
+
+def _fsdp_spec(shape, fsdp_size: int, min_size: int) -> P:
+  if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  # Largest divisible dimension: spreads the most memory with the fewest gathers.
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = 'fsdp'
+      return P(*spec)
+  return P()
+
+
+def leaf_spec(path: str, shape, mesh: Mesh, sharding_config) -> P:
+  """PartitionSpec for one leaf: the first matching rule, else the strategy."""
+  for pattern, spec in sharding_config.rules:
+    if re.search(pattern, path):
+      spec = tuple(spec)
+      if len(spec) != len(shape):
+        raise ConfigError(f'sharding rule {pattern!r} gives {spec} for {path} of shape '
+                          f'{tuple(shape)}: one entry per dimension is needed.')
+      for dim, axis in zip(shape, spec):
+        size = 1 if axis is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(axis)]))
+        if dim % size:
+          raise ConfigError(f'sharding rule {pattern!r}: {path} dim {dim} is not divisible '
+                            f'by mesh axis {axis} of size {size}.')
+      return P(*spec)
+  if sharding_config.strategy == 'fsdp':
+    return _fsdp_spec(shape, mesh.shape['fsdp'], sharding_config.fsdp_min_size)
+  return P()
+
+
+def tree_shardings(tree, mesh: Mesh, sharding_config) -> Any:
+  """NamedSharding for every leaf of a (possibly abstract) pytree such as a TrainState.
+
+  Optimizer moments have the same paths as the parameters plus a prefix, so a rule
+  written for a parameter (`re.search`) also places its Adam moments.
+  """
+  def one(path, leaf):
+    shape = getattr(leaf, 'shape', ())
+    return NamedSharding(mesh, leaf_spec(_path_str(path), shape, mesh, sharding_config))
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy batch -> global jax.Arrays split along the batch axis.
+
+  Each process passes only its own slice (data/base.BatchIterator does the slicing);
+  the global batch is their concatenation in process order.
+  """
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_batch % n:
+    raise ConfigError(f'config.train.batch_size={global_batch} is not divisible by the '
+                      f'{n} devices of the mesh; use a multiple of {n}.')
+  if global_batch % jax.process_count():
+    raise ConfigError(f'config.train.batch_size={global_batch} is not divisible by the '
+                      f'{jax.process_count()} processes.')

@@ -1,0 +1,11 @@
+"""Training: TrainState (state.py), the pure train step (step.py) and the loop (loop.py).
+
+`python -m scm_jax.train --config=configs/X.py --workdir=DIR` runs `__main__.py`.
+"""
+
+from scm_jax.train.loop import Experiment, load_experiment, train_and_evaluate
+from scm_jax.train.state import TrainState, create_train_state, pick_params
+from scm_jax.train.step import make_train_step
+
+__all__ = ['Experiment', 'TrainState', 'create_train_state', 'load_experiment',
+           'make_train_step', 'pick_params', 'train_and_evaluate']

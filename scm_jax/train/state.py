@@ -1,0 +1,147 @@
+"""TrainState: every piece of training state as one explicit pytree.
+
+Resuming needs nothing outside it except the data position, which is the step: the
+per-step key is fold_in(rng, step) and batch b of the data stream is a pure function of
+(seed, b), so a checkpoint of this pytree gives bit-exact continuation.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from scm_jax import config as config_lib
+from scm_jax.errors import ConfigError
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array              # int32 scalar: optimizer steps taken (= batches consumed)
+  params: Any
+  ema: dict                    # name -> parameter copy (see config.ema_names)
+  opt_state: Any
+  rng: jax.Array               # base key (raw uint32[2]); step keys are fold_in(rng, step)
+  nonfinite_total: jax.Array   # steps skipped for non-finite loss/grads
+  nonfinite_streak: jax.Array  # ... in a row, ending at the current step
+
+
+# ----------------------------------------------------------------- optimizer
+
+def learning_rate_schedule(c: ml_collections.ConfigDict, num_steps: int):
+  """Linear warmup to optim.lr, then constant, cosine or inverse-sqrt decay."""
+  o = c.optim
+  warm = max(int(o.warmup_steps), 0)
+  if o.schedule == 'constant':
+    after = optax.constant_schedule(o.lr)
+  elif o.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(o.lr, max(int(o.decay_steps or num_steps) - warm, 1))
+  else:  # inv_sqrt, EDM2-style: lr / sqrt(max(step / t_ref, 1))
+    t_ref = max(int(o.decay_steps or 1), 1)
+    after = lambda s: o.lr / jnp.sqrt(jnp.maximum((s + warm) / t_ref, 1.0))
+  if warm == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), after], [warm])
+
+
+def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = c.optim
+  lr = learning_rate_schedule(c, c.train.num_steps)
+  if o.name == 'adam':
+    opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+  elif o.name == 'adamw':
+    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  else:
+    opt = optax.radam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+  if o.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+  return opt
+
+
+# ----------------------------------------------------------------------- EMA
+
+def power_ema_gamma(sigma_rel: float) -> float:
+  """EDM2 (Karras et al. 2024, eq. 3): gamma whose power-function EMA has width sigma_rel.
+
+  sigma_rel^2 = (g + 1) / ((g + 2)^2 (g + 3)), i.e. the largest real root of
+  g^3 + 7 g^2 + (16 - 1/sigma_rel^2) g + (12 - 1/sigma_rel^2).
+  """
+  s = sigma_rel**-2
+  roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
+  return float(roots[np.isreal(roots)].real.max())
+
+
+def ema_decay_fn(name: str):
+  """Returns beta(step) for the EMA named `ema_<decay>` or `pema_<sigma_rel>`.
+
+  `step` is the number of updates applied so far including this one (>= 1).
+  The power EMA uses beta_t = (1 - 1/t)^(gamma + 1), which averages all iterates with
+  weights proportional to t^gamma (so its first update copies the parameters).
+  """
+  kind, value = name.split('_', 1)
+  value = float(value)
+  if kind == 'ema':
+    return lambda step: jnp.float32(value)
+  gamma = power_ema_gamma(value)
+  return lambda step: (1.0 - 1.0 / jnp.asarray(step, jnp.float32))**(gamma + 1.0)
+
+
+def update_ema(ema: dict, params, step) -> dict:
+  """One EMA update of every copy: ema <- beta ema + (1 - beta) params."""
+  out = {}
+  for name, avg in ema.items():
+    beta = ema_decay_fn(name)(step)
+    out[name] = jax.tree.map(lambda a, p: beta * a + (1.0 - beta) * p, avg, params)
+  return out
+
+
+# ---------------------------------------------------------------------- init
+
+def dummy_inputs(data_shape, batch: int = 1):
+  x = jnp.zeros((batch,) + tuple(data_shape), jnp.float32)
+  t = jnp.full((batch,), 0.5, jnp.float32)
+  labels = jnp.zeros((batch,), jnp.int32)
+  return x, t, labels
+
+
+def init_params(model, data_shape, key):
+  """Model parameters (float32) for one example of `data_shape`."""
+  x, t, labels = dummy_inputs(data_shape)
+  k_param, k_drop = jax.random.split(key)
+  variables = model.init({'params': k_param, 'dropout': k_drop}, x, t, labels)
+  return variables['params']
+
+
+def create_train_state(c: ml_collections.ConfigDict, model, data_shape, key,
+                       tx=None, params=None) -> TrainState:
+  """Fresh TrainState. `params` may be given (e.g. a student initialised from a teacher)."""
+  k_init, k_rng = jax.random.split(key)
+  if params is None:
+    params = init_params(model, data_shape, k_init)
+  tx = tx or make_optimizer(c)
+  ema = {name: jax.tree.map(jnp.copy, params) for name in config_lib.ema_names(c)}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=ema,
+                    opt_state=tx.init(params), rng=k_rng,
+                    nonfinite_total=jnp.zeros((), jnp.int32),
+                    nonfinite_streak=jnp.zeros((), jnp.int32))
+
+
+def pick_params(state: TrainState, which: str = ''):
+  """Parameters for sampling: 'params' = raw weights, '' = the first EMA in config order
+  (raw weights if the run keeps none), anything else an EMA name."""
+  if which == 'params' or (not which and not state.ema):
+    return state.params
+  if not which:
+    return state.ema[state_ema_order(state)[0]]
+  if which not in state.ema:
+    raise ConfigError(f'no EMA named {which!r}; this run keeps {state_ema_order(state)} '
+                      "(or use 'params' for the raw weights).")
+  return state.ema[which]
+
+
+def state_ema_order(state: TrainState) -> list[str]:
+  """EMA names, classic (ema_*) before power-function (pema_*), each group sorted."""
+  return sorted(state.ema, key=lambda n: (not n.startswith('ema_'), n))

@@ -1,0 +1,67 @@
+"""Turning samples into pictures: image grids and 2-D scatter plots (uint8 arrays)."""
+
+import math
+
+import numpy as np
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 [0, 255] (clipped)."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, cols: int = 0, pad: int = 1, upscale: int = 0) -> np.ndarray:
+  """NHWC images in [-1, 1] -> one uint8 grid image (HxWxC), padded in black.
+
+  Small images (digits are 8x8) are upscaled by pixel repetition so the grid is readable.
+  """
+  images = to_uint8(images)
+  n, h, w, c = images.shape
+  cols = cols or int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  upscale = upscale or max(1, 32 // max(h, w))
+  if upscale > 1:
+    images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    h, w = h * upscale, w * upscale
+  grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+  for i in range(n):
+    r, q = divmod(i, cols)
+    y, x = pad + r * (h + pad), pad + q * (w + pad)
+    grid[y:y + h, x:x + w] = images[i]
+  return grid
+
+
+def scatter_plot(points: np.ndarray, reference: np.ndarray = None, title: str = '',
+                 lim: float = 0.0, size: int = 4) -> np.ndarray:
+  """2-D points (and optional reference points in grey) -> uint8 RGB image via matplotlib."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  points = np.asarray(points)
+  fig, ax = plt.subplots(figsize=(size, size), dpi=80)
+  if reference is not None:
+    ax.scatter(reference[:, 0], reference[:, 1], s=1, c='0.75', label='data')
+  ax.scatter(points[:, 0], points[:, 1], s=1, c='C0', label='samples')
+  lim = lim or float(np.percentile(np.abs(np.concatenate(
+      [points, reference]) if reference is not None else points), 99.5) * 1.2)
+  ax.set_xlim(-lim, lim)
+  ax.set_ylim(-lim, lim)
+  ax.set_aspect('equal')
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  fig.canvas.draw()
+  image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return image
+
+
+def samples_to_image(samples: np.ndarray, reference: np.ndarray = None, title: str = '') -> np.ndarray:
+  """A picture of a batch of samples: a grid for images, a scatter plot for 2-D points."""
+  samples = np.asarray(samples)
+  if samples.ndim == 4:
+    return image_grid(samples)
+  if samples.ndim == 2 and samples.shape[1] == 2:
+    return scatter_plot(samples, reference, title)
+  raise ValueError(f'cannot draw samples of shape {samples.shape}')

@@ -1,0 +1,82 @@
+"""Metric and image writers: TensorBoard event files, a JSONL log, PNG files.
+
+TensorBoard events are written with the `tensorboard` package's own writer, so no
+TensorFlow is needed. Only process 0 writes; other processes get a no-op writer.
+"""
+
+import io
+import json
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+from PIL import Image
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  """uint8 HxW or HxWxC image -> PNG bytes."""
+  image = np.asarray(image)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard + `<workdir>/metrics.jsonl`, images to TB + PNG."""
+
+  def __init__(self, workdir: str, enabled: bool = True, subdir: str = 'tb'):
+    self.workdir = workdir
+    self.enabled = enabled
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = EventFileWriter(os.path.join(workdir, subdir))
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
+    self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+    self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **scalars}) + '\n')
+    self._jsonl.flush()
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray],
+                   png_dir: str = 'samples') -> dict:
+    """uint8 images -> TensorBoard image summaries and `<workdir>/<png_dir>/<tag>_<step>.png`."""
+    paths = {}
+    if not self.enabled:
+      return paths
+    values = []
+    os.makedirs(os.path.join(self.workdir, png_dir), exist_ok=True)
+    for tag, img in images.items():
+      img = np.asarray(img)
+      data = png_bytes(img)
+      channels = 1 if img.ndim == 2 else img.shape[-1]
+      values.append(Summary.Value(tag=tag, image=Summary.Image(
+          height=img.shape[0], width=img.shape[1], colorspace=channels,
+          encoded_image_string=data)))
+      path = os.path.join(self.workdir, png_dir, f'{tag.replace("/", "_")}_{int(step):08d}.png')
+      with open(path, 'wb') as f:
+        f.write(data)
+      paths[tag] = path
+    self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+    self._tb.flush()
+    return paths
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._tb.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+      self.enabled = False
