@@ -1,0 +1,104 @@
+"""Bad input gets one clear `error:` line naming the problem, and loses nothing."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs import toy2d_sct
+from scm_jax import config as config_lib
+from scm_jax.errors import ConfigError
+from tests import helpers
+
+TINY_TOY = ('--config.model.width=16', '--config.model.depth=1', '--config.model.time_embed_dim=16',
+            '--config.model.logvar_channels=8', '--config.train.batch_size=8',
+            '--config.train.log_every=2', '--config.train.ckpt_every=2',
+            '--config.train.sample_every=0', '--config.data.num_train=64',
+            '--config.data.num_test=16', '--config.train.progress_bar=False')
+
+
+def _train(workdir, *extra, check=False):
+  return helpers.run_module('scm_jax.train', '--config=configs/toy2d_sct.py',
+                            f'--workdir={workdir}', *TINY_TOY, *extra, check=check)
+
+
+def _assert_clean_error(p, *needles):
+  assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+  assert 'Traceback' not in p.stderr, p.stderr
+  assert 'error:' in p.stderr
+  for n in needles:
+    assert n in p.stderr, (n, p.stderr)
+
+
+def test_unknown_config_key(tmp_path):
+  p = _train(tmp_path / 'w', '--config.model.widht=3')
+  _assert_clean_error(p, 'widht', 'Did you mean "width"')
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_unknown_dataset(tmp_path):
+  p = _train(tmp_path / 'w', '--config.data.name=imagenet_foo')
+  _assert_clean_error(p, 'imagenet_foo', 'toy2d', 'digits')
+
+
+def test_bad_config_values_name_the_field():
+  c = toy2d_sct.get_config()
+  cases = [('loss', 'kind', 'sCT'), ('trigflow', 'sigma_d', 0.0), ('loss', 'p_std', -1.0),
+           ('optim', 'name', 'sgdd'), ('sample', 't_mid', 2.0), ('train', 'keep_ckpts', 0),
+           ('sharding', 'strategy', 'zero3'), ('model', 'norm_mode', 'batch')]
+  for section, field, value in cases:
+    bad = toy2d_sct.get_config()
+    bad[section][field] = value
+    with pytest.raises(ConfigError, match=field):
+      config_lib.validate_config(bad)
+  config_lib.validate_config(c)
+
+
+def test_wrong_image_shapes(tmp_path):
+  nchw = tmp_path / 'nchw.npz'
+  np.savez(nchw, x=np.zeros((20, 3, 16, 16), np.uint8))
+  p = helpers.run_module('scm_jax.train', '--config=configs/digits_sct.py',
+                         f'--workdir={tmp_path / "w1"}', '--config.data.name=array',
+                         f'--config.data.path={nchw}', check=False)
+  _assert_clean_error(p, 'nchw.npz', 'transpose')
+  # 6x6 images cannot go through a U-Net that halves the resolution twice.
+  small = tmp_path / 'six.npz'
+  np.savez(small, x=np.zeros((20, 6, 6, 1), np.uint8))
+  p = helpers.run_module('scm_jax.train', '--config=configs/digits_sct.py',
+                         f'--workdir={tmp_path / "w2"}', '--config.data.name=array',
+                         f'--config.data.path={small}', '--config.model.channel_mult=(1,2,2)',
+                         check=False)
+  _assert_clean_error(p, '6')
+  # The config expects 8x8x1 but the file holds 16x16x3.
+  wrong = tmp_path / 'wrong.npz'
+  np.savez(wrong, x=np.zeros((20, 16, 16, 3), np.uint8))
+  p = helpers.run_module('scm_jax.train', '--config=configs/digits_sct.py',
+                         f'--workdir={tmp_path / "w3"}', '--config.data.name=array',
+                         f'--config.data.path={wrong}', '--config.data.expected_shape=(8,8,1)',
+                         check=False)
+  _assert_clean_error(p, 'wrong.npz', '(8, 8, 1)')
+
+
+def test_incompatible_checkpoint_is_refused_and_left_intact(tmp_path):
+  workdir = tmp_path / 'run'
+  p = _train(workdir, '--config.train.num_steps=4')
+  assert p.returncode == 0, p.stderr
+  before = helpers.tree_digest(str(workdir / 'checkpoints'))
+  assert before
+  p = _train(workdir, '--config.train.num_steps=8', '--config.model.width=32')
+  _assert_clean_error(p, 'does not match the model', 'checkpoint (16,', 'vs model (32,',
+                      'No checkpoint was changed')
+  # Different data shape (3-D Gaussian instead of 2-D ring) with the same model.
+  p = _train(workdir, '--config.train.num_steps=8', '--config.data.toy=gaussian',
+             '--config.data.dim=3')
+  _assert_clean_error(p, 'shape')
+  assert helpers.tree_digest(str(workdir / 'checkpoints')) == before
+  # The original config still resumes.
+  p = _train(workdir, '--config.train.num_steps=6')
+  assert p.returncode == 0, p.stderr
+  assert 'resumed from step 4' in p.stderr
+
+
+def test_sample_cli_errors(tmp_path):
+  p = helpers.run_module('scm_jax.sample', f'--workdir={tmp_path / "nothing"}', check=False)
+  _assert_clean_error(p, 'config.json')
