@@ -10,7 +10,7 @@ from scm_jax.config import base_config
 def get_config():
   c = base_config('unet')
   c.data.name = 'digits'
-  c.model.channels = 32
+  c.model.channels = 24
   c.model.channel_mult = (1, 2)
   c.model.num_res_blocks = 1
   c.model.attn_resolutions = (4,)
@@ -24,10 +24,10 @@ def get_config():
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 200
   c.ema.decays = (0.999,)
-  c.train.num_steps = 4000
-  c.train.batch_size = 128
+  c.train.num_steps = 2000
+  c.train.batch_size = 64
   c.train.log_every = 100
   c.train.sample_every = 1000
-  c.train.ckpt_every = 1000
+  c.train.ckpt_every = 500
   c.sample.num = 100
   return c

@@ -11,12 +11,12 @@ from scm_jax.data import build_source
 from scm_jax.evaluation.sample_metrics import energy_distance
 from scm_jax.train.loop import Experiment
 
-# Energy distance to 2000 held-out points (data vs data is ~0.001). Measured with these
-# settings: correct sCT 1-step 0.023 / 2-step 0.040; wrong tangent sign > 400;
-# time scale 1000: 1-step 0.32 / 2-step 0.13 (see the issue note for the full table).
-THRESHOLD_1STEP = 0.06
-THRESHOLD_2STEP = 0.08
-STEPS = 1500
+# Energy distance to 2000 held-out points (data vs data is ~0.001). Measured here with
+# these settings at 800-1500 steps: correct sCT 0.0056-0.0085 (1- and 2-step, EMA);
+# wrong tangent sign > 400; time-embedding scale 1000: 0.13-0.32.
+THRESHOLD_1STEP = 0.03
+THRESHOLD_2STEP = 0.03
+STEPS = 1000
 
 
 def _toy_config(time_embed_scale=10.0):
@@ -25,7 +25,7 @@ def _toy_config(time_embed_scale=10.0):
   c.model.time_embed_dim, c.model.logvar_channels = 64, 32
   c.model.time_embed_scale = time_embed_scale
   c.train.batch_size = 256
-  c.optim.lr, c.optim.warmup_steps = 2e-3, 100
+  c.optim.lr, c.optim.warmup_steps = 1e-3, 100
   c.loss.tangent_warmup_steps = 500
   c.ema.decays = (0.995,)
   c.data.num_train, c.data.prefetch = 20000, 0
@@ -60,4 +60,4 @@ def test_wrong_tangent_sign_fails_the_threshold(monkeypatch):
 @pytest.mark.slow
 def test_huge_time_embedding_scale_fails_the_threshold():
   scores, _ = _train_and_score(_toy_config(time_embed_scale=1000.0))
-  assert scores[1] > THRESHOLD_1STEP or scores[2] > THRESHOLD_2STEP, scores
+  assert scores[1] > THRESHOLD_1STEP and scores[2] > THRESHOLD_2STEP, scores
