@@ -105,7 +105,7 @@ def state_fingerprint(state) -> tuple[list[int], bool]:
   and modular addition makes it independent of the sharding and reduction order. It is
   one jitted pass over the state, so it works for arrays spread over many processes.
   """
-  sums, finite = jax.jit(_fingerprint)(state)
+  sums, finite = _fingerprint_jit(state)
   return [int(v) for v in jax.device_get(sums)], bool(finite)
 
 
@@ -127,6 +127,9 @@ def _fingerprint(state):
           jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True))
 
 
+_fingerprint_jit = jax.jit(_fingerprint)
+
+
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` keeping the last `keep` steps.
 
@@ -144,8 +147,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only,
-            cleanup_tmp_directories=not read_only,
+            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
@@ -159,6 +161,8 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
     """Starts an (async) save; the state may be donated to the next step right after."""
+    if self.read_only:
+      raise CheckpointError(f'{self.directory} was opened read-only; nothing was saved.')
     fingerprint, _ = state_fingerprint(state)
     meta = dict(meta, format_version=FORMAT_VERSION, step=int(step), fingerprint=fingerprint)
     return self.manager.save(int(step), args=ocp.args.Composite(

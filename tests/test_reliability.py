@@ -119,21 +119,26 @@ def reference(tmp_path_factory):
 
 def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, reference):
   workdir = str(tmp_path / 'killed')
-  # 1. During the first async checkpoint save: the step-100 temporary directory exists.
+  saved = lambda step: os.path.exists(os.path.join(workdir, 'checkpoints', str(step)))
+  # 1. While the async save of step 200 is being written (its temporary directory exists).
   p = _launch(workdir)
-  assert _wait_until(p, lambda: _tmp_dirs(workdir)), open(workdir + '.log').read()
+  assert _wait_until(p, lambda: any(d.endswith('/200.orbax-checkpoint-tmp')
+                                    for d in _tmp_dirs(workdir))), open(workdir + '.log').read()
   p.kill()
   p.wait()
-  caught_mid_save = bool(_tmp_dirs(workdir)) and not os.path.exists(
-      os.path.join(workdir, 'checkpoints', '100'))
-  # 2. Between checkpoints: step 100 is saved and ~50 more steps are done.
+  caught_mid_save = bool(_tmp_dirs(workdir)) and not saved(200)
+  assert saved(100)
+  # 2. Between checkpoints: restarted from 100, step 200 saved, ~50 more steps done.
   p = _launch(workdir)
-  saved_100 = lambda: os.path.exists(os.path.join(workdir, 'checkpoints', '100'))
-  assert _wait_until(p, lambda: saved_100() and _logged_step(workdir) >= 150)
+  assert _wait_until(p, lambda: saved(200) and _logged_step(workdir) >= 250)
   p.kill()
   p.wait()
   assert not _tmp_dirs(workdir)  # the leftover of kill 1 was removed at the next start
-  _finish(workdir)
+  log = open(workdir + '.log').read()
+  assert 'resumed from step 100' in log, log[-3000:]
+  # 3. Relaunch to the end: the same bits as the uninterrupted run.
+  p = _finish(workdir)
+  assert 'resumed from step 200' in p.stderr
   state, meta = _final_state(workdir)
   ref_state, ref_meta = reference
   assert int(state.step) == 300 and meta['data']['step'] == ref_meta['data']['step'] == 300
@@ -282,6 +287,31 @@ def test_fingerprint_detects_any_single_bit_change():
   swapped = dict(state, w=state['w'][::-1])  # same values, other places
   assert ckpt_lib.state_fingerprint(swapped)[0] != base
   assert not ckpt_lib.state_fingerprint(dict(state, w=state['w'] * np.nan))[1]
+
+
+def test_fingerprint_and_restore_do_not_depend_on_the_mesh(tmp_path):
+  """Saved from a data=4 x fsdp=2 mesh of 8 devices, restored onto one device."""
+  helpers.run_python(f'''
+      import jax, numpy as np
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      from scm_jax import checkpoint as ckpt_lib
+      mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'fsdp'))
+      x = np.random.default_rng(0).normal(size=(64, 48)).astype(np.float32)
+      tree = {{'w': jax.device_put(x, NamedSharding(mesh, P('data', 'fsdp'))),
+               'b': jax.device_put(np.arange(6, dtype=np.int32), NamedSharding(mesh, P('fsdp')))}}
+      ckpt = ckpt_lib.Checkpointer({str(tmp_path)!r})
+      ckpt.save(1, tree, {{}})
+      ckpt.wait()
+      one = NamedSharding(Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp')), P())
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), tree)
+      restored, meta = ckpt.restore(1, abstract)  # checks the fingerprint
+      ckpt.close()
+      assert restored['w'].sharding == one
+      np.testing.assert_array_equal(restored['w'], x)
+      host = ckpt_lib.state_fingerprint(jax.device_get(tree))[0]
+      assert meta['fingerprint'] == host == ckpt_lib.state_fingerprint(restored)[0]
+      print('OK')
+  ''', devices=8)
 
 
 def test_incompatible_checkpoint_lists_mismatches_and_changes_nothing(tmp_path):
