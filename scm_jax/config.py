@@ -126,9 +126,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check(c.train.sample_every >= 0, 'config.train.sample_every must be >= 0 (0 disables).')
   _check(c.train.keep_ckpts >= 1, 'config.train.keep_ckpts must be >= 1.')
   _check(c.train.max_nonfinite_streak >= 1, 'config.train.max_nonfinite_streak must be >= 1.')
-  _check(c.train.nonfinite_action in ('stop', 'rollback'),
-         f'config.train.nonfinite_action={c.train.nonfinite_action!r}; use stop|rollback.')
-  _check(c.train.max_rollbacks >= 0, 'config.train.max_rollbacks must be >= 0.')
+  action = c.train.get('nonfinite_action', 'stop')  # .get: config.json of older runs
+  _check(action in ('stop', 'rollback'),
+         f'config.train.nonfinite_action={action!r}; use stop|rollback.')
+  _check(c.train.get('max_rollbacks', 0) >= 0, 'config.train.max_rollbacks must be >= 0.')
   _check(0 < c.sample.t_mid < math.pi / 2,
          f'config.sample.t_mid must be in (0, pi/2), got {c.sample.t_mid}.')
   _check(all(s >= 1 for s in c.sample.steps), 'config.sample.steps entries must be >= 1.')
