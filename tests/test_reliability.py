@@ -323,12 +323,20 @@ def test_incompatible_checkpoint_lists_mismatches_and_changes_nothing(tmp_path):
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as info:
     train_and_evaluate(wider, workdir)
   msg = str(info.value)
+  assert 'does not match the model' in msg and 'No checkpoint was changed' in msg
+  assert 'params/block0/dense0/kernel: checkpoint (64, 64) vs model (48, 48)' in msg
   assert 'config.model.width: checkpoint 64 vs now 48' in msg
   assert 'config.model.time_embed_scale: checkpoint 10.0 vs now 1.0' in msg
   wider.train.check_resume_config = False  # the shape check still refuses
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as info:
     train_and_evaluate(wider, workdir)
   assert 'params/block0/dense0/kernel: checkpoint (64, 64) vs model (48, 48)' in str(info.value)
+  same_shapes = toy_config(**{'train.num_steps': 20, 'model.time_embed_scale': 1.0})
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as info:
+    train_and_evaluate(same_shapes, workdir)
+  msg = str(info.value)  # same shapes: only the config differs
+  assert 'does not match the model' not in msg and 'was written with other values of' in msg
+  assert 'config.model.time_embed_scale: checkpoint 10.0 vs now 1.0' in msg
   assert helpers.tree_digest(workdir) == before  # nothing was written or moved
 
 

@@ -226,15 +226,15 @@ def _meta(exp: Experiment, step: int) -> dict:
   }
 
 
-def _validate_meta(exp: Experiment):
+def _validate_meta(exp: Experiment, ckpt=None):
   def check(meta):
-    _check_resume_config(exp.config, meta)
     saved = tuple(meta.get('data_shape', ()))
     if saved and saved != exp.data_shape:
       raise ckpt_lib.IncompatibleCheckpointError(
           f'the checkpoint was trained on data of shape {saved}, but '
           f'{exp.source.name!r} gives {exp.data_shape}. Use a new --workdir or the '
           'original data config. No checkpoint was changed.')
+    _check_resume_config(exp, meta, ckpt)
     old_bs = meta.get('data', {}).get('global_batch_size')
     if old_bs and old_bs != exp.config.train.batch_size:
       logging.warning('batch size changed from %d to %d on resume: the data stream '
@@ -243,19 +243,29 @@ def _validate_meta(exp: Experiment):
   return check
 
 
-def _check_resume_config(config, meta) -> None:
-  """IncompatibleCheckpointError listing every RESUME_FIXED field the run changed."""
+def _check_resume_config(exp: Experiment, meta: dict, ckpt=None) -> None:
+  """IncompatibleCheckpointError listing every RESUME_FIXED field the run changed, and
+  (given the Checkpointer) every array shape that differs."""
+  config = exp.config
   if 'config' not in meta:
     return
   strict, loose = ckpt_lib.config_mismatches(meta['config'], json.loads(config.to_json_best_effort()),
                                              RESUME_FIXED)
   strict = [d for d in strict if not any(f'config.{k}:' in d for k in RESUME_FREE)]
   if strict and config.train.check_resume_config:
+    step = int(meta.get('step', -1))
+    shapes = []
+    if ckpt is not None:
+      shapes = ckpt_lib.shape_mismatches(ckpt.saved_shapes(step),
+                                         ckpt_lib.flat_shapes(exp.abstract_state))
+    where = f'the checkpoint at step {step} in {ckpt.directory if ckpt else "the workdir"}'
     raise ckpt_lib.IncompatibleCheckpointError(
-        f'the checkpoint at step {meta.get("step")} was written with another config:\n'
-        + '\n'.join(strict) + '\nResume with the original values (the run\'s config.json), '
-        'use a new --workdir, or pass --config.train.check_resume_config=False if the '
-        'change is intended. No checkpoint was changed.')
+        (f'{where} does not match the model built from this config:\n' + '\n'.join(shapes)
+         + '\nand was written with other values of:\n' if shapes else
+         f'{where} was written with other values of:\n') + '\n'.join(strict) +
+        '\nResume with the original values (the run\'s config.json), use a new --workdir, '
+        'or pass --config.train.check_resume_config=False if the change is intended. '
+        'No checkpoint was changed.')
   loose = [d for d in loose if not d.startswith('  config.train.')]  # cadence, length
   if strict or loose:
     logging.warning('resuming with a changed config:\n%s', '\n'.join(strict + loose))
@@ -290,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.keep_ckpts)
-  state, meta = ckpt.restore_latest(exp.abstract_state, _validate_meta(exp))
+  state, meta = ckpt.restore_latest(exp.abstract_state, _validate_meta(exp, ckpt))
   if state is None:
     state = exp.init_state()
     _say(f'starting from scratch in {workdir}')
@@ -320,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if failed is not None:
         iterator.close()
         state, data_offset = guard.rollback(failed, failed + data_offset, exp, ckpt,
-                                            _validate_meta(exp))
+                                            _validate_meta(exp, ckpt))
         step, history, t_last = int(state.step), [], time.time()
         iterator = exp.iterator(step + data_offset)
         _say(f'{c.train.max_nonfinite_streak} non-finite steps in a row up to step {failed}: '
