@@ -1,10 +1,16 @@
 """Orbax checkpointing: atomic saves, automatic resume, validation before restore.
 
 A checkpoint step directory holds two items: 'state' (the TrainState pytree, sharded
-arrays written collectively) and 'meta' (JSON: the config, data-iterator position and
-data shape). Orbax writes each step into a temporary directory and renames it when
-complete, so a crash mid-save leaves the previous checkpoints intact. Nothing here
-unpickles: state is tensorstore arrays, meta is JSON.
+arrays written collectively) and 'meta' (JSON: the config, data-iterator position, data
+shape and a fingerprint of every state array). Orbax writes each step into a temporary
+directory and renames it when complete, so a crash mid-save leaves the previous
+checkpoints intact; leftover temporary directories are removed on the next start.
+
+On restore, a step whose metadata is unreadable, whose arrays fail to load, or whose
+arrays no longer match the fingerprint taken at save time (bit rot, a truncated or
+overwritten file) is treated as corrupted: it is moved to `<workdir>/checkpoints_unusable/`
+(never deleted) and the next older step is used. Nothing here unpickles: state is
+tensorstore arrays, meta is JSON.
 """
 
 import json
@@ -19,6 +25,8 @@ import orbax.checkpoint as ocp
 from scm_jax.errors import CheckpointError
 
 CKPT_DIR = 'checkpoints'
+UNUSABLE_DIR = 'checkpoints_unusable'      # corrupted steps, moved aside on restore
+ROLLED_BACK_DIR = 'checkpoints_rolled_back'  # steps newer than a non-finite rollback target
 FORMAT_VERSION = 1
 
 
@@ -46,7 +54,8 @@ def flat_shapes(tree) -> dict[str, tuple]:
 def shape_mismatches(saved: dict, expected: dict, limit: int = 20) -> list[str]:
   """Human-readable differences between two flat_shapes() dicts."""
   out = []
-  for k in sorted(set(saved) | set(expected)):
+  # Parameters first: the EMA and optimizer copies of a mismatch repeat it.
+  for k in sorted(set(saved) | set(expected), key=lambda k: (not k.startswith('params/'), k)):
     if k not in saved:
       out.append(f'  {k}: missing from checkpoint (model expects {expected[k]})')
     elif k not in expected:
@@ -58,20 +67,90 @@ def shape_mismatches(saved: dict, expected: dict, limit: int = 20) -> list[str]:
   return out
 
 
+def _flat_config(tree, prefix: str = '') -> dict:
+  """{'model.width': 256, ...} from a JSON-like nested dict (tuples as lists)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_mismatches(saved: dict, current: dict, prefixes) -> tuple[list[str], list[str]]:
+  """(differences under `prefixes`, other differences) between two JSON configs.
+
+  Fields present in only one of them are ignored: a field added by a newer version of
+  the library takes its default, which is what the old run used.
+  """
+  a, b = _flat_config(saved), _flat_config(json.loads(json.dumps(current)))
+  strict, loose = [], []
+  for k in sorted(set(a) & set(b)):
+    if a[k] != b[k]:
+      line = f'  config.{k}: checkpoint {a[k]!r} vs now {b[k]!r}'
+      (strict if any(k == p or k.startswith(p + '.') for p in prefixes) else loose).append(line)
+  return strict, loose
+
+
 class IncompatibleCheckpointError(CheckpointError):
   """The checkpoint is intact but belongs to a different model/config."""
 
 
-class Checkpointer:
-  """CheckpointManager over `<workdir>/checkpoints` keeping the last `keep` steps."""
+def state_fingerprint(state) -> tuple[list[int], bool]:
+  """(one uint32 checksum per leaf, whether every float leaf is finite).
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
+  The checksum is sum_i bits(x_i) * (2 i + 1) mod 2^32 over the raw bits of each leaf:
+  any single changed word changes it (the weights are odd, hence invertible mod 2^32),
+  and modular addition makes it independent of the sharding and reduction order. It is
+  one jitted pass over the state, so it works for arrays spread over many processes.
+  """
+  sums, finite = _fingerprint_jit(state)
+  return [int(v) for v in jax.device_get(sums)], bool(finite)
+
+
+def _fingerprint(state):
+  sums, finite = [], []
+  for x in jax.tree.leaves(state):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      finite.append(jnp.all(jnp.isfinite(x)))
+    if x.dtype == jnp.bool_:
+      words = x.astype(jnp.uint32)
+    else:
+      width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+      words = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, words.size).reshape(words.shape)
+    sums.append(jnp.sum(words * (2 * index + 1), dtype=jnp.uint32))
+  return (jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32),
+          jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True))
+
+
+_fingerprint_jit = jax.jit(_fingerprint)
+
+
+class Checkpointer:
+  """CheckpointManager over `<workdir>/checkpoints` keeping the last `keep` steps.
+
+  `read_only` (for readers such as the sample CLI, which may run beside a training job)
+  neither removes leftover temporary directories nor moves corrupted steps aside.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, CKPT_DIR)
+    self.read_only = read_only
+    # Explicit handlers (not just item names): a fresh process can then read the saved
+    # tree's metadata, which check_compatible needs before anything is restored.
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save),
-        item_names=('state', 'meta'))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=async_save),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -81,7 +160,11 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-    meta = dict(meta, format_version=FORMAT_VERSION, step=int(step))
+    """Starts an (async) save; the state may be donated to the next step right after."""
+    if self.read_only:
+      raise CheckpointError(f'{self.directory} was opened read-only; nothing was saved.')
+    fingerprint, _ = state_fingerprint(state)
+    meta = dict(meta, format_version=FORMAT_VERSION, step=int(step), fingerprint=fingerprint)
     return self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -125,51 +208,91 @@ class Checkpointer:
           '\nUse a new --workdir, or resume with the config the run was started with '
           '(saved as config.json in the workdir). No checkpoint was changed.')
 
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-process: whether JAX's preemption service chose `step` to save at."""
+    return self.manager.reached_preemption(step)
+
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
-    """Restores (state, meta) at `step` into the shardings of `abstract_state`."""
+    """Restores (state, meta) at `step` into the shardings of `abstract_state`.
+
+    Raises CheckpointError if the arrays do not match the fingerprint saved with them.
+    """
+    meta = self.read_meta(step)
+    if int(meta.get('format_version', 1)) > FORMAT_VERSION:
+      raise IncompatibleCheckpointError(
+          f'checkpoint step {step} in {self.directory} was written by a newer scm_jax '
+          f'(format {meta["format_version"]} > {FORMAT_VERSION}); upgrade scm_jax.')
     self.check_compatible(step, abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored['state'], dict(restored['meta'])
+    state, meta = restored['state'], dict(restored['meta'])
+    fingerprint, finite = state_fingerprint(state)
+    saved = meta.get('fingerprint')
+    if saved is not None and saved != fingerprint:
+      paths = list(flat_shapes(state))
+      bad = [paths[i] for i, (a, b) in enumerate(zip(saved, fingerprint)) if a != b]
+      raise CheckpointError(
+          f'checkpoint step {step} is corrupted: {len(bad)} array(s) differ from what was '
+          f'saved ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}).')
+    if not finite:
+      raise CheckpointError(f'checkpoint step {step} contains non-finite values')
+    return state, meta
 
-  def restore_latest(self, abstract_state, validate_meta=None):
-    """Newest restorable checkpoint, falling back to older ones if it is corrupted.
+  def restore_latest(self, abstract_state, validate_meta=None, before: Optional[int] = None,
+                     log_fallback: bool = True):
+    """Newest restorable checkpoint (older than `before` if given), falling back to older
+    ones if it is corrupted; corrupted steps are moved to checkpoints_unusable/.
 
     Incompatibility (wrong shapes, a failing `validate_meta(meta)`) is the user's
     problem, not corruption, and is raised at once. Returns (None, None) if there is
     no checkpoint.
     """
-    steps = self.steps()
-    errors = []
+    steps = [s for s in self.steps() if before is None or s < before]
+    errors, unusable = [], []
     for step in reversed(steps):
       try:
         meta = self.read_meta(step)
         if validate_meta is not None:
           validate_meta(meta)
-        self.check_compatible(step, abstract_state)
         state, meta = self.restore(step, abstract_state)
-        if not _state_finite(state):
-          raise CheckpointError(f'checkpoint step {step} contains non-finite values')
-        if errors:
+        if errors and log_fallback:
           logging.warning('restored checkpoint step %d after skipping unusable newer ones:\n%s',
                           step, '\n'.join(errors))
+        self.move_aside(unusable, UNUSABLE_DIR)
         return state, meta
       except IncompatibleCheckpointError:
         raise
       except CheckpointError as e:
         errors.append(f'  step {step}: {e}')
       except Exception as e:  # pylint: disable=broad-except  # corrupted tensorstore data
-        errors.append(f'  step {step}: {type(e).__name__}: {e}')
+        first_line = (str(e).splitlines() or [''])[0]  # tensorstore appends a long spec
+        errors.append(f'  step {step}: {type(e).__name__}: {first_line[:300]}')
+      unusable.append(step)
     if errors:
       raise CheckpointError(f'no usable checkpoint in {self.directory}:\n' + '\n'.join(errors)
                             + '\nMove the directory away to start fresh.')
     return None, None
 
-
-def _state_finite(state) -> bool:
-  """True if every floating leaf is finite (a jitted reduction: works multi-process)."""
-  def finite(tree):
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-  return bool(jax.jit(finite)(state))
+  def move_aside(self, steps, subdir: str) -> list[str]:
+    """Moves step directories to <workdir>/<subdir>/ (nothing is deleted) so that the
+    run can save those step numbers again. Process 0 moves; every process waits."""
+    if self.read_only or not steps:
+      return []
+    self.wait()
+    moved = []
+    if jax.process_index() == 0:
+      dest_root = os.path.join(self.workdir, subdir)
+      os.makedirs(dest_root, exist_ok=True)
+      for step in steps:
+        dest = os.path.join(dest_root, str(step))
+        n = 1
+        while os.path.exists(dest):
+          dest, n = os.path.join(dest_root, f'{step}.{n}'), n + 1
+        os.replace(os.path.join(self.directory, str(step)), dest)
+        moved.append(dest)
+      logging.warning('moved checkpoint step(s) %s to %s', list(steps), dest_root)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'scm_jax_move_aside_{subdir}_{list(steps)}')
+    self.manager.reload()
+    return moved

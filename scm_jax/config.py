@@ -67,6 +67,10 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.train.keep_ckpts = 3
   c.train.progress_bar = True
   c.train.max_nonfinite_streak = 20    # stop after this many skipped steps in a row
+  c.train.nonfinite_action = 'stop'    # then: stop | rollback (to the checkpoint before it)
+  c.train.max_rollbacks = 3            # rollbacks not getting past the failing step, then stop
+  c.train.handle_signals = True        # SIGTERM/SIGINT: checkpoint after the step, then exit
+  c.train.check_resume_config = True   # refuse to resume with other model/data/seed fields
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num = 64
@@ -121,6 +125,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.train[k] > 0, f'config.train.{k} must be > 0.')
   _check(c.train.sample_every >= 0, 'config.train.sample_every must be >= 0 (0 disables).')
   _check(c.train.keep_ckpts >= 1, 'config.train.keep_ckpts must be >= 1.')
+  _check(c.train.max_nonfinite_streak >= 1, 'config.train.max_nonfinite_streak must be >= 1.')
+  action = c.train.get('nonfinite_action', 'stop')  # .get: config.json of older runs
+  _check(action in ('stop', 'rollback'),
+         f'config.train.nonfinite_action={action!r}; use stop|rollback.')
+  _check(c.train.get('max_rollbacks', 0) >= 0, 'config.train.max_rollbacks must be >= 0.')
   _check(0 < c.sample.t_mid < math.pi / 2,
          f'config.sample.t_mid must be in (0, pi/2), got {c.sample.t_mid}.')
   _check(all(s >= 1 for s in c.sample.steps), 'config.sample.steps entries must be >= 1.')

@@ -205,8 +205,33 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
 
 def _load_batch(source: DataSource, global_batch_size: int, seed: int,
                 process_index: int, process_count: int, step: int) -> Batch:
-  return source.get(batch_indices(step, len(source), global_batch_size, seed,
-                                  process_index, process_count))
+  indices = batch_indices(step, len(source), global_batch_size, seed,
+                          process_index, process_count)
+  return check_batch(source.get(indices), source, len(indices), step)
+
+
+def check_batch(batch: Batch, source: DataSource, n: int, step: int) -> Batch:
+  """DataError unless `batch` is what `source` promises (guards custom sources).
+
+  Values are not scanned here: the built-in sources validate them when loading, and
+  a non-finite batch from elsewhere is skipped and counted by the train step.
+  """
+  x, labels = batch.get('x'), batch.get('label')
+  where = f'data source {source.name!r}, batch {step}'
+  if not isinstance(x, np.ndarray) or x.shape != (n,) + tuple(source.shape):
+    raise DataError(f'{where}: x has shape {getattr(x, "shape", type(x).__name__)}, '
+                    f'expected {(n,) + tuple(source.shape)} (source.shape = {source.shape}).')
+  if x.dtype != np.float32:
+    raise DataError(f'{where}: x has dtype {x.dtype}, expected float32.')
+  if (not isinstance(labels, np.ndarray) or labels.shape != (n,)
+      or not np.issubdtype(labels.dtype, np.integer)):
+    raise DataError(f'{where}: label must be an integer array of shape ({n},), got '
+                    f'{getattr(labels, "dtype", type(labels).__name__)} '
+                    f'{getattr(labels, "shape", "")}.')
+  if source.num_classes and n and (labels.min() < 0 or labels.max() >= source.num_classes):
+    raise DataError(f'{where}: labels span [{labels.min()}, {labels.max()}] but the source '
+                    f'has {source.num_classes} classes.')
+  return batch
 
 
 def _produce(load, start_step: int, q: queue.Queue, stop: threading.Event):

@@ -86,10 +86,15 @@ class ImageFolderSource(DataSource):
     path = self._paths[index]
     try:
       with Image.open(path) as img:
-        pixels = np.asarray(img.convert(self._mode))
+        mode = img.mode
+        # PIL's convert() clips 16/32-bit and float pixels to 255: garbage, not data.
+        pixels = None if mode.startswith(('I', 'F')) else np.asarray(img.convert(self._mode))
     except Exception as e:  # pylint: disable=broad-except
       raise DataError(f'Cannot read image {path} (corrupt or unsupported '
                       f'file): {e}. Remove or replace it.') from e
+    if pixels is None:
+      raise DataError(f'Image {path} has {mode} pixels (16/32-bit or float); only 8-bit '
+                      'images are supported. Convert it to 8 bits per channel.')
     if pixels.ndim == 2:
       pixels = pixels[..., None]
     x = uint8_to_float(pixels)

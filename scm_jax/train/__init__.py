@@ -1,4 +1,5 @@
 """Training: TrainState (state.py), the pure train step (step.py) and the loop (loop.py).
+Faults: preemption.py (SIGTERM/SIGINT -> checkpoint, exit), nonfinite.py (NaN streaks).
 
 `python -m scm_jax.train --config=configs/X.py --workdir=DIR` runs `__main__.py`.
 """

@@ -1,7 +1,10 @@
 """Train: python -m scm_jax.train --config=configs/digits_sct.py --workdir=DIR [--config.x=y].
 
-Resumes from the newest checkpoint in --workdir. See configs/ for recipes.
+Resumes from the newest checkpoint in --workdir. See configs/ for recipes. SIGTERM or
+SIGINT saves a checkpoint after the current step and exits with status 128 + signal.
 """
+
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -17,7 +20,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   from scm_jax.train import loop  # after flag parsing: a bad flag fails fast
-  loop.train_and_evaluate(cli.config_value(_CONFIG), _WORKDIR.value)
+  from scm_jax.train import preemption
+  try:
+    loop.train_and_evaluate(cli.config_value(_CONFIG), _WORKDIR.value)
+  except preemption.Preempted as e:  # checkpoint saved: exit 128 + signal, no traceback
+    print(f'[scm_jax] {e}', file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
 
 
 if __name__ == '__main__':

@@ -33,10 +33,17 @@ from scm_jax import sharding as sharding_lib
 from scm_jax import visualize
 from scm_jax import writers
 from scm_jax.errors import ConfigError, DataError
+from scm_jax.train import nonfinite
+from scm_jax.train import preemption
 from scm_jax.train import state as state_lib
 from scm_jax.train import step as step_lib
 
 CONSISTENCY_KINDS = ('sct', 'scd')
+# Config fields a run must resume with (what the parameters and the data stream mean);
+# others (steps, lr, logging, mesh, ...) may change, with a warning.
+RESUME_FIXED = ('seed', 'data', 'model', 'trigflow', 'loss.kind')
+RESUME_FREE = ('data.prefetch', 'data.data_dir', 'data.download', 'data.eval_split',
+               'data.num_test')
 
 
 class Experiment:
@@ -219,7 +226,7 @@ def _meta(exp: Experiment, step: int) -> dict:
   }
 
 
-def _validate_meta(exp: Experiment):
+def _validate_meta(exp: Experiment, ckpt=None):
   def check(meta):
     saved = tuple(meta.get('data_shape', ()))
     if saved and saved != exp.data_shape:
@@ -227,12 +234,41 @@ def _validate_meta(exp: Experiment):
           f'the checkpoint was trained on data of shape {saved}, but '
           f'{exp.source.name!r} gives {exp.data_shape}. Use a new --workdir or the '
           'original data config. No checkpoint was changed.')
+    _check_resume_config(exp, meta, ckpt)
     old_bs = meta.get('data', {}).get('global_batch_size')
     if old_bs and old_bs != exp.config.train.batch_size:
       logging.warning('batch size changed from %d to %d on resume: the data stream '
                       'continues at batch %d of the new size.', old_bs,
                       exp.config.train.batch_size, meta['data']['step'])
   return check
+
+
+def _check_resume_config(exp: Experiment, meta: dict, ckpt=None) -> None:
+  """IncompatibleCheckpointError listing every RESUME_FIXED field the run changed, and
+  (given the Checkpointer) every array shape that differs."""
+  config = exp.config
+  if 'config' not in meta:
+    return
+  strict, loose = ckpt_lib.config_mismatches(meta['config'], json.loads(config.to_json_best_effort()),
+                                             RESUME_FIXED)
+  strict = [d for d in strict if not any(f'config.{k}:' in d for k in RESUME_FREE)]
+  if strict and config.train.check_resume_config:
+    step = int(meta.get('step', -1))
+    shapes = []
+    if ckpt is not None:
+      shapes = ckpt_lib.shape_mismatches(ckpt.saved_shapes(step),
+                                         ckpt_lib.flat_shapes(exp.abstract_state))
+    where = f'the checkpoint at step {step} in {ckpt.directory if ckpt else "the workdir"}'
+    raise ckpt_lib.IncompatibleCheckpointError(
+        (f'{where} does not match the model built from this config:\n' + '\n'.join(shapes)
+         + '\nand was written with other values of:\n' if shapes else
+         f'{where} was written with other values of:\n') + '\n'.join(strict) +
+        '\nResume with the original values (the run\'s config.json), use a new --workdir, '
+        'or pass --config.train.check_resume_config=False if the change is intended. '
+        'No checkpoint was changed.')
+  loose = [d for d in loose if not d.startswith('  config.train.')]  # cadence, length
+  if strict or loose:
+    logging.warning('resuming with a changed config:\n%s', '\n'.join(strict + loose))
 
 
 def _sample_images(exp: Experiment, state, step: int) -> dict:
@@ -253,14 +289,18 @@ def _sample_images(exp: Experiment, state, step: int) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dxdt_fn=None, init_params=None) -> state_lib.TrainState:
-  """Trains config in workdir, resuming from its newest checkpoint if there is one."""
-  exp = Experiment(config, dxdt_fn=dxdt_fn, init_params=init_params)
+                       dxdt_fn=None, init_params=None, source=None) -> state_lib.TrainState:
+  """Trains config in workdir, resuming from its newest checkpoint if there is one.
+
+  SIGTERM/SIGINT save a checkpoint after the current step and raise
+  preemption.Preempted; non-finite streaks stop or roll back (train/nonfinite.py).
+  """
+  exp = Experiment(config, dxdt_fn=dxdt_fn, init_params=init_params, source=source)
   c = exp.config
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.keep_ckpts)
-  state, meta = ckpt.restore_latest(exp.abstract_state, _validate_meta(exp))
+  state, meta = ckpt.restore_latest(exp.abstract_state, _validate_meta(exp, ckpt))
   if state is None:
     state = exp.init_state()
     _say(f'starting from scratch in {workdir}')
@@ -270,16 +310,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt_lib.atomic_write_text(os.path.join(workdir, 'config.json'), c.to_json_best_effort(indent=2))
 
   start = int(state.step)
+  # The data position is the step plus the batches skipped by non-finite rollbacks.
+  data_offset = int(meta['data']['step']) - start if meta else 0
+  guard = nonfinite.NonfiniteGuard(c.train, state, meta)
   writer = writers.MetricWriter(workdir, enabled=is_main)
-  iterator = exp.iterator(start)
+  iterator = exp.iterator(start + data_offset)
   pbar = None
   if is_main and c.train.progress_bar:
     from tqdm.auto import tqdm
     pbar = tqdm(total=c.train.num_steps, initial=start, desc='train', dynamic_ncols=True)
   history, t_last, step = [], time.time(), start
+  preempt = preemption.PreemptionHandler(c.train.handle_signals).install()
   try:
-    for step in range(start + 1, c.train.num_steps + 1):
+    while step < c.train.num_steps:
+      step += 1
       state, metrics = exp.step(state, next(iterator))
+      stop = preempt.stop_requested(step, ckpt)
+      failed = guard.check(step, metrics, sync=stop or step == c.train.num_steps)
+      if failed is not None:
+        iterator.close()
+        state, data_offset = guard.rollback(failed, failed + data_offset, exp, ckpt,
+                                            _validate_meta(exp, ckpt))
+        step, history, t_last = int(state.step), [], time.time()
+        iterator = exp.iterator(step + data_offset)
+        _say(f'{c.train.max_nonfinite_streak} non-finite steps in a row up to step {failed}: '
+             f'rolled back to step {step}, skipping to data batch {step + data_offset}')
+        if pbar is not None:
+          pbar.n = step
+          pbar.refresh()
+        continue
       history.append(metrics)
       if pbar is not None:
         pbar.update(1)
@@ -292,18 +351,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if pbar is not None:
           pbar.set_postfix(loss=f'{host["loss"]:.4g}')
         history, t_last = [], now
-        streak = int(state.nonfinite_streak)
-        if streak >= c.train.max_nonfinite_streak:
-          raise DataError(
-              f'training stopped at step {step}: the last {streak} steps had a non-finite '
-              f'loss or gradient and were skipped (metrics: {host}). The parameters are '
-              'those of the last good step; the newest checkpoint is intact. Check the '
-              'data for NaN/Inf, lower config.optim.lr or enable tangent normalization.')
       if c.train.sample_every and step % c.train.sample_every == 0:
         writer.write_images(step, _sample_images(exp, state, step))
-      if step % c.train.ckpt_every == 0 or step == c.train.num_steps:
-        ckpt.save(step, state, _meta(exp, step))
+      if step % c.train.ckpt_every == 0 or step == c.train.num_steps or stop:
+        ckpt.save(step, state, dict(_meta(exp, step + data_offset), **guard.meta()))
+      if stop and step < c.train.num_steps:
+        raise preemption.Preempted(step, preempt.signum, workdir)
   finally:
+    preempt.uninstall()
     iterator.close()
     ckpt.close()
     writer.close()
@@ -323,7 +378,7 @@ def load_experiment(workdir: str, overrides: Optional[dict] = None, step: Option
   for k, v in (overrides or {}).items():
     _set_path(config, k, v)
   exp = Experiment(config)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_ckpts)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_ckpts, read_only=True)
   try:
     if step is None:
       state, _ = ckpt.restore_latest(exp.abstract_state)
