@@ -71,7 +71,11 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save),
-        item_names=('state', 'meta'))
+        item_names=('state', 'meta'),
+        # Explicit handlers: without them a fresh process (nothing saved yet) reads
+        # no item metadata, so check_compatible saw an empty checkpoint.
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

@@ -32,7 +32,7 @@ from scm_jax import sampling
 from scm_jax import sharding as sharding_lib
 from scm_jax import visualize
 from scm_jax import writers
-from scm_jax.errors import ConfigError, DataError
+from scm_jax.errors import ConfigError, DataError, TrainingDivergedError
 from scm_jax.train import state as state_lib
 from scm_jax.train import step as step_lib
 
@@ -252,6 +252,17 @@ def _sample_images(exp: Experiment, state, step: int) -> dict:
   return images
 
 
+def _remember_loss_by_time(by_t: list, step: int, host: dict, keep: int = 5) -> list:
+  """Keeps the last `keep` loss-by-time snapshots (mse_by_t/* scalars)."""
+  snap = {k: v for k, v in host.items() if k.startswith('mse_by_t/')}
+  return (by_t + [(step, snap)])[-keep:] if snap else by_t
+
+
+def _loss_by_time_image(by_t: list) -> dict:
+  """The loss-by-time plot for TensorBoard/PNG (empty before the first log)."""
+  return {'loss_by_t': visualize.loss_by_time_plot(by_t)} if by_t else {}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dxdt_fn=None, init_params=None) -> state_lib.TrainState:
   """Trains config in workdir, resuming from its newest checkpoint if there is one."""
@@ -277,6 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     from tqdm.auto import tqdm
     pbar = tqdm(total=c.train.num_steps, initial=start, desc='train', dynamic_ncols=True)
   history, t_last, step = [], time.time(), start
+  by_t = []  # (step, scalars) snapshots for the loss-by-time plot
   try:
     for step in range(start + 1, c.train.num_steps + 1):
       state, metrics = exp.step(state, next(iterator))
@@ -289,18 +301,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         host['steps_per_sec'] = len(history) / max(now - t_last, 1e-9)
         host['nonfinite_total'] = int(state.nonfinite_total)
         writer.write_scalars(step, host)
+        by_t = _remember_loss_by_time(by_t, step, host)
         if pbar is not None:
           pbar.set_postfix(loss=f'{host["loss"]:.4g}')
         history, t_last = [], now
         streak = int(state.nonfinite_streak)
         if streak >= c.train.max_nonfinite_streak:
-          raise DataError(
+          raise TrainingDivergedError(
               f'training stopped at step {step}: the last {streak} steps had a non-finite '
               f'loss or gradient and were skipped (metrics: {host}). The parameters are '
               'those of the last good step; the newest checkpoint is intact. Check the '
               'data for NaN/Inf, lower config.optim.lr or enable tangent normalization.')
       if c.train.sample_every and step % c.train.sample_every == 0:
-        writer.write_images(step, _sample_images(exp, state, step))
+        writer.write_images(step, {**_sample_images(exp, state, step),
+                                   **_loss_by_time_image(by_t)})
       if step % c.train.ckpt_every == 0 or step == c.train.num_steps:
         ckpt.save(step, state, _meta(exp, step))
   finally:

@@ -1,0 +1,287 @@
+"""Run or submit an ablation sweep: one training job per point, each in its own workdir.
+
+    python -m launch.sweep --sweep=configs/sweeps/toy_stability.py --base=configs/toy2d_sct.py \
+        --backend=local [--parallel=2] [--root=runs/sweeps/toy_stability]
+    python -m launch.sweep --sweep=... --backend=slurm [--dry_run] [--slurm_partition=gpu ...]
+    python -m scm_jax.report --root=runs/sweeps/toy_stability    # the results table
+
+The root holds sweep.json (the points) and one workdir per point with point.json (its
+recipe and overrides), the usual training outputs, log.txt and result.json (status,
+training summary and sample metrics, written by `--point`). Rerunning the same command
+skips finished points and resumes unfinished ones from their checkpoints.
+`--point=WORKDIR` is what every job runs: train, then evaluate (see
+scm_jax/evaluation/run_metrics.py).
+"""
+
+import ast
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import flags
+
+from scm_jax import cli
+from scm_jax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/*.py, get_sweep()).')
+_BASE = flags.DEFINE_string('base', None, 'Recipe every point starts from (default: the '
+                            "sweep file's BASE).")
+_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'slurm'], 'Where jobs run.')
+_ROOT = flags.DEFINE_string('root', None, 'Sweep directory (default runs/sweeps/<sweep name>).')
+_SET = flags.DEFINE_multi_string('set', [], 'Override for every point (wins over the sweep), e.g. '
+                                 '--set=train.num_steps=2000 (repeatable).')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: jobs run at once (1 = sequential).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Write workdirs / scripts and print the '
+                             'commands, but run or submit nothing.')
+_RERUN = flags.DEFINE_bool('rerun', False, 'Also run points that already have result.json.')
+_EVAL_NUM = flags.DEFINE_integer('eval_num', 2000, 'Samples (and held-out examples, at most) '
+                                 'for the end-of-run energy distances.')
+_PYTHON = flags.DEFINE_string('python', sys.executable, 'Interpreter the jobs run.')
+_SLURM_PARTITION = flags.DEFINE_string('slurm_partition', '', 'sbatch --partition.')
+_SLURM_TIME = flags.DEFINE_string('slurm_time', '04:00:00', 'sbatch --time.')
+_SLURM_GPUS = flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job (--gres=gpu:N; 0 = none).')
+_SLURM_CPUS = flags.DEFINE_integer('slurm_cpus', 8, 'sbatch --cpus-per-task.')
+_SLURM_MEM = flags.DEFINE_string('slurm_mem', '', "sbatch --mem (e.g. '64G').")
+_SLURM_EXTRA = flags.DEFINE_multi_string('slurm_extra', [], 'Extra "#SBATCH ..." option, '
+                                         'e.g. --slurm_extra=--account=abc (repeatable).')
+_SLURM_SETUP = flags.DEFINE_string('slurm_setup', '', 'Shell line run before the job '
+                                   '(e.g. "module load cuda; source .venv/bin/activate").')
+_POINT = flags.DEFINE_string('point', None, 'Internal: run the one point in this workdir.')
+
+
+# --------------------------------------------------------------------- planning
+
+def parse_set(items):
+  """['a.b=1', 'c=x'] -> {'a.b': 1, 'c': 'x'} (Python literals, else strings)."""
+  out = {}
+  for item in items:
+    if '=' not in item:
+      raise ConfigError(f'--set={item!r}: expected section.field=value.')
+    k, v = item.split('=', 1)
+    try:
+      out[k.strip()] = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      out[k.strip()] = v
+  return out
+
+
+def plan(sweep_path, base, root, extra):
+  """Loads and checks every point; returns the manifest dict (nothing written)."""
+  from scm_jax import sweep as sweep_lib
+  points, default_base = sweep_lib.load_sweep(sweep_path)
+  base = base or default_base
+  if not base:
+    raise ConfigError(f'no --base given and {sweep_path} sets no BASE recipe.')
+  base = os.path.relpath(os.path.abspath(base), REPO) if not os.path.isabs(base) else base
+  recipe = sweep_lib.load_recipe(os.path.join(REPO, base))
+  keys = sweep_lib.varying_keys(points)
+  entries = []
+  for i, p in enumerate(points):
+    overrides = {'train.progress_bar': False, **p, **extra}
+    sweep_lib.apply_overrides(recipe, overrides)  # a bad point fails before any job starts
+    name = sweep_lib.point_name(i, p, keys)
+    entries.append({'name': name, 'overrides': overrides,
+                    'workdir': os.path.join(root, name)})
+  return {'sweep': sweep_path, 'base': base, 'varying': keys, 'points': entries}
+
+
+def write_manifest(manifest, root):
+  """sweep.json + one point.json per workdir; refuses to mix two sweeps in one root."""
+  from scm_jax.checkpoint import atomic_write_text
+  path = os.path.join(root, 'sweep.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    old_points = {p['name']: p['overrides'] for p in old.get('points', [])}
+    for p in manifest['points']:
+      if p['name'] in old_points and old_points[p['name']] != json.loads(json.dumps(p['overrides'])):
+        raise ConfigError(f'{root} already holds a different sweep (point {p["name"]} had '
+                          f'overrides {old_points[p["name"]]}). Use a new --root; nothing '
+                          'was changed.')
+    if old.get('base') != manifest['base']:
+      raise ConfigError(f'{root} holds a sweep of base {old.get("base")!r}, not '
+                        f'{manifest["base"]!r}. Use a new --root; nothing was changed.')
+  os.makedirs(root, exist_ok=True)
+  atomic_write_text(path, json.dumps(manifest, indent=2))
+  for p in manifest['points']:
+    os.makedirs(p['workdir'], exist_ok=True)
+    atomic_write_text(os.path.join(p['workdir'], 'point.json'),
+                      json.dumps({'base': manifest['base'], 'name': p['name'],
+                                  'overrides': p['overrides']}, indent=2))
+
+
+def point_command(workdir, python, eval_num):
+  return [python, '-m', 'launch.sweep', f'--point={os.path.abspath(workdir)}',
+          f'--eval_num={eval_num}']
+
+
+def is_done(workdir):
+  return os.path.exists(os.path.join(workdir, 'result.json'))
+
+
+# --------------------------------------------------------------------- backends
+
+def run_local(points, python, eval_num, parallel, dry_run):
+  """Runs the points' jobs as subprocesses, `parallel` at a time; returns #failed."""
+  queue = list(points)
+  running, failed = {}, 0
+  env = dict(os.environ)
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  while queue or running:
+    while queue and len(running) < max(1, parallel):
+      p = queue.pop(0)
+      cmd = point_command(p['workdir'], python, eval_num)
+      print(f'[sweep] {"would run" if dry_run else "start"} {p["name"]}: {shlex.join(cmd)}',
+            flush=True)
+      if dry_run:
+        continue
+      log = open(os.path.join(p['workdir'], 'log.txt'), 'a')
+      running[p['name']] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT), log, p, time.time())
+    for name, (proc, log, p, t0) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      log.close()
+      del running[name]
+      if proc.returncode != 0:
+        failed += 1
+        print(f'[sweep] FAILED {name} (exit {proc.returncode}); see '
+              f'{os.path.join(p["workdir"], "log.txt")}', flush=True)
+      else:
+        with open(os.path.join(p['workdir'], 'result.json')) as f:
+          res = json.load(f)
+        print(f'[sweep] done {name}: {res["status"]} {res.get("reason", "")} '
+              f'({time.time() - t0:.0f} s)', flush=True)
+    if running:
+      time.sleep(0.5)
+  return failed
+
+
+def sbatch_script(p, manifest_sweep, python, eval_num, opts):
+  """The text of one job's sbatch script."""
+  lines = ['#!/bin/bash',
+           f'#SBATCH --job-name={os.path.splitext(os.path.basename(manifest_sweep))[0]}-{p["name"]}'[:200],
+           f'#SBATCH --output={os.path.abspath(p["workdir"])}/slurm-%j.out',
+           f'#SBATCH --time={opts["time"]}',
+           f'#SBATCH --cpus-per-task={opts["cpus"]}',
+           '#SBATCH --ntasks=1']
+  if opts['partition']:
+    lines.append(f'#SBATCH --partition={opts["partition"]}')
+  if opts['gpus']:
+    lines.append(f'#SBATCH --gres=gpu:{opts["gpus"]}')
+  if opts['mem']:
+    lines.append(f'#SBATCH --mem={opts["mem"]}')
+  lines += [f'#SBATCH {e}' for e in opts['extra']]
+  lines += ['set -euo pipefail', f'cd {shlex.quote(REPO)}']
+  if opts['setup']:
+    lines.append(opts['setup'])
+  lines += [f'export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}',
+            'srun ' + shlex.join(point_command(p['workdir'], python, eval_num))]
+  return '\n'.join(lines) + '\n'
+
+
+def run_slurm(points, manifest, root, python, eval_num, opts, dry_run):
+  """Writes <root>/slurm/<name>.sbatch per point and submits them with sbatch."""
+  from scm_jax.checkpoint import atomic_write_text
+  sbatch = shutil.which('sbatch')
+  if not dry_run and sbatch is None:
+    raise ConfigError('sbatch is not on PATH: this machine has no SLURM. Run on the '
+                      'cluster login node, use --backend=local, or --dry_run to only '
+                      'write the scripts.')
+  os.makedirs(os.path.join(root, 'slurm'), exist_ok=True)
+  jobs_path = os.path.join(root, 'slurm', 'jobs.json')
+  jobs = json.load(open(jobs_path)) if os.path.exists(jobs_path) else {}
+  for p in points:
+    path = os.path.join(root, 'slurm', f'{p["name"]}.sbatch')
+    atomic_write_text(path, sbatch_script(p, manifest['sweep'], python, eval_num, opts))
+    if dry_run:
+      print(f'[sweep] wrote {path}')
+      continue
+    out = subprocess.run([sbatch, '--parsable', path], capture_output=True, text=True)
+    if out.returncode != 0:
+      raise ConfigError(f'sbatch {path} failed: {out.stderr.strip()}')
+    jobs[p['name']] = out.stdout.strip().split(';')[0]
+    atomic_write_text(jobs_path, json.dumps(jobs, indent=2))
+    print(f'[sweep] submitted {p["name"]} as job {jobs[p["name"]]}')
+  return 0
+
+
+# --------------------------------------------------------------------- one point
+
+def run_point(workdir, eval_num):
+  """Trains one point (resuming), evaluates it, writes result.json. Divergence is a result."""
+  from scm_jax import sweep as sweep_lib
+  from scm_jax.checkpoint import atomic_write_text
+  from scm_jax.errors import CheckpointError, TrainingDivergedError
+  from scm_jax.evaluation import run_metrics
+  from scm_jax.train import loop
+
+  with open(os.path.join(workdir, 'point.json')) as f:
+    point = json.load(f)
+  config = sweep_lib.apply_overrides(
+      sweep_lib.load_recipe(os.path.join(REPO, point['base'])), point['overrides'])
+  t0 = time.time()
+  stopped, error = False, ''
+  try:
+    loop.train_and_evaluate(config, workdir)
+  except TrainingDivergedError as e:
+    stopped, error = True, str(e)
+  train_seconds = time.time() - t0
+
+  rows = []
+  if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  metrics = run_metrics.training_summary(rows)
+  try:
+    exp, state = loop.load_experiment(workdir)
+    reference = run_metrics.held_out_reference(exp, eval_num)
+    metrics.update(run_metrics.sample_quality(exp, state, reference, eval_num,
+                                              tuple(config.sample.steps)))
+    metrics['eval_step'] = int(state.step)
+  except CheckpointError as e:  # stopped before its first checkpoint
+    error = error or str(e)
+  status, reason = run_metrics.classify(metrics, stopped)
+  result = {'name': point['name'], 'status': status, 'reason': reason, 'error': error,
+            'train_seconds': train_seconds, 'metrics': metrics,
+            'overrides': point['overrides']}
+  atomic_write_text(os.path.join(workdir, 'result.json'), json.dumps(result, indent=2))
+  print(f'[sweep] {point["name"]}: {status} {reason}', file=sys.stderr)
+
+
+def main(argv):
+  del argv
+  if _POINT.value:
+    return run_point(_POINT.value, _EVAL_NUM.value)
+  if not _SWEEP.value:
+    raise ConfigError('--sweep=configs/sweeps/<name>.py is required.')
+  name = os.path.splitext(os.path.basename(_SWEEP.value))[0]
+  root = _ROOT.value or os.path.join('runs', 'sweeps', name)
+  manifest = plan(_SWEEP.value, _BASE.value, root, parse_set(_SET.value))
+  write_manifest(manifest, root)
+  todo = [p for p in manifest['points'] if _RERUN.value or not is_done(p['workdir'])]
+  print(f'[sweep] {len(manifest["points"])} points in {root} ({len(todo)} to run; '
+        f'varying: {", ".join(manifest["varying"]) or "nothing"})', flush=True)
+  if _BACKEND.value == 'local':
+    failed = run_local(todo, _PYTHON.value, _EVAL_NUM.value, _PARALLEL.value, _DRY_RUN.value)
+  else:
+    opts = {'partition': _SLURM_PARTITION.value, 'time': _SLURM_TIME.value,
+            'gpus': _SLURM_GPUS.value, 'cpus': _SLURM_CPUS.value, 'mem': _SLURM_MEM.value,
+            'extra': _SLURM_EXTRA.value, 'setup': _SLURM_SETUP.value}
+    failed = run_slurm(todo, manifest, root, _PYTHON.value, _EVAL_NUM.value, opts,
+                       _DRY_RUN.value)
+  if not _DRY_RUN.value and _BACKEND.value == 'local':
+    print(f'[sweep] finished; table: python -m scm_jax.report --root={root}', flush=True)
+  if failed:
+    print(f'error: {failed} job(s) failed; see their log.txt.', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  cli.run(main)
