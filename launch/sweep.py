@@ -92,21 +92,22 @@ def plan(sweep_path, base, root, extra):
 
 
 def write_manifest(manifest, root):
-  """sweep.json + one point.json per workdir; refuses to mix two sweeps in one root."""
+  """sweep.json + one point.json per workdir; refuses to mix two sweeps in one root
+  (rerunning the identical sweep resumes it)."""
   from scm_jax.checkpoint import atomic_write_text
   path = os.path.join(root, 'sweep.json')
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    old_points = {p['name']: p['overrides'] for p in old.get('points', [])}
-    for p in manifest['points']:
-      if p['name'] in old_points and old_points[p['name']] != json.loads(json.dumps(p['overrides'])):
-        raise ConfigError(f'{root} already holds a different sweep (point {p["name"]} had '
-                          f'overrides {old_points[p["name"]]}). Use a new --root; nothing '
-                          'was changed.')
-    if old.get('base') != manifest['base']:
-      raise ConfigError(f'{root} holds a sweep of base {old.get("base")!r}, not '
-                        f'{manifest["base"]!r}. Use a new --root; nothing was changed.')
+    def points(m):
+      return [(p['name'], p['overrides']) for p in m.get('points', [])]
+    new = json.loads(json.dumps(manifest))  # tuples -> lists, as stored
+    if points(old) != points(new) or old.get('base') != new['base']:
+      changed = [n for n, o in points(new) if (n, o) not in points(old)]
+      raise ConfigError(f'{root} already holds a different sweep (base {old.get("base")!r}, '
+                        f'{len(points(old))} points; new or changed here: '
+                        f'{changed[:3] or "none, but points were removed"}). Use a new '
+                        '--root; nothing was changed.')
   os.makedirs(root, exist_ok=True)
   atomic_write_text(path, json.dumps(manifest, indent=2))
   for p in manifest['points']:

@@ -72,6 +72,16 @@ def _find_workdirs(root: str) -> list[tuple[str, str, dict]]:
   return found
 
 
+def _config_value(workdir: str, dotted: str, default):
+  """The value the run used: from its saved config.json, else `default`."""
+  node = _read_json(os.path.join(workdir, 'config.json'))
+  for part in dotted.split('.'):
+    if not isinstance(node, dict) or part not in node:
+      return default
+    node = node[part]
+  return node
+
+
 def collect(root: str) -> tuple[list[dict], list[str]]:
   """(rows, columns): one row per run, columns in display order."""
   from scm_jax import sweep as sweep_lib
@@ -81,7 +91,7 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
   rows = []
   for name, workdir, overrides in runs:
     row = {'run': name}
-    row.update({k: overrides.get(k, '') for k in varying})
+    row.update({k: _config_value(workdir, k, overrides.get(k, '')) for k in varying})
     result = _read_json(os.path.join(workdir, 'result.json'))
     if result is not None:
       row.update(result['metrics'])
@@ -138,7 +148,8 @@ def plot(path: str, root: str, rows: Sequence[dict], metric: str) -> None:
 
   runs = {name: workdir for name, workdir, _ in _find_workdirs(root)}
   colors = {'ok': 'C2', 'unstable': 'C1', 'failed': 'C4', 'diverged': 'C3', 'incomplete': '0.6'}
-  fig, axes = plt.subplots(1, 3, figsize=(18, 0.32 * len(rows) + 4))
+  fig, axes = plt.subplots(1, 3, figsize=(20, 0.3 * len(rows) + 4),
+                           gridspec_kw={'width_ratios': [1, 1, 1.3]})
   for i, r in enumerate(rows):
     hist = read_metrics(runs[r['run']])
     steps = [h['step'] for h in hist]
@@ -149,7 +160,7 @@ def plot(path: str, root: str, rows: Sequence[dict], metric: str) -> None:
     ax.set_yscale('log')
     ax.set_xlabel('step')
     ax.set_title(key)
-  axes[0].legend(fontsize=6, loc='upper right')
+  axes[0].legend(fontsize=6, loc='upper left', bbox_to_anchor=(0, -0.12), ncol=2)
   vals = [r.get(metric, math.nan) for r in rows]
   finite = [v if isinstance(v, (int, float)) and math.isfinite(v) and v > 0 else math.nan
             for v in vals]
@@ -163,7 +174,8 @@ def plot(path: str, root: str, rows: Sequence[dict], metric: str) -> None:
     if metric.startswith('ed_') and ref:
       axes[2].axvline(sum(ref) / len(ref), color='k', ls=style, lw=1,
                       label=key.replace('ed_', '') + ' reference')
-  axes[2].set_title(f'{metric} (green ok, orange unstable, purple failed, red diverged)')
+  axes[2].set_title(f'{metric}: green ok, orange unstable, purple failed, red diverged',
+                    fontsize=9)
   if metric.startswith('ed_'):
     axes[2].legend(fontsize=7)
   fig.tight_layout()

@@ -40,6 +40,7 @@ def execute_notebook(name: str, params: dict, timeout: int = 600) -> dict:
   raise AssertionError(f'{name} printed no RESULTS line')
 
 
+@pytest.mark.slow  # trains two toy models (~1-2 min on 2 cores); inspect runs in CI
 def test_quickstart_notebook_trains_and_samples():
   r = execute_notebook('quickstart.ipynb', {
       'NUM_STEPS': 300, 'TEACHER_STEPS': 300, 'WIDTH': 64, 'BATCH': 256,
