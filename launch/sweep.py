@@ -42,7 +42,8 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Write workdirs / scripts and pri
 _RERUN = flags.DEFINE_bool('rerun', False, 'Also run points that already have result.json.')
 _EVAL_NUM = flags.DEFINE_integer('eval_num', 2000, 'Samples (and held-out examples, at most) '
                                  'for the end-of-run energy distances.')
-_PYTHON = flags.DEFINE_string('python', sys.executable, 'Interpreter the jobs run.')
+_PYTHON = flags.DEFINE_string('python', None, 'Interpreter the jobs run (default: this one '
+                              "for local jobs, 'python' on PATH after --slurm_setup for SLURM).")
 _SLURM_PARTITION = flags.DEFINE_string('slurm_partition', '', 'sbatch --partition.')
 _SLURM_TIME = flags.DEFINE_string('slurm_time', '04:00:00', 'sbatch --time.')
 _SLURM_GPUS = flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job (--gres=gpu:N; 0 = none).')
@@ -179,7 +180,7 @@ def sbatch_script(p, manifest_sweep, python, eval_num, opts):
   if opts['mem']:
     lines.append(f'#SBATCH --mem={opts["mem"]}')
   lines += [f'#SBATCH {e}' for e in opts['extra']]
-  lines += ['set -euo pipefail', f'cd {shlex.quote(REPO)}']
+  lines += ['set -eo pipefail', f'cd {shlex.quote(REPO)}']
   if opts['setup']:
     lines.append(opts['setup'])
   lines += [f'export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}',
@@ -270,13 +271,14 @@ def main(argv):
   print(f'[sweep] {len(manifest["points"])} points in {root} ({len(todo)} to run; '
         f'varying: {", ".join(manifest["varying"]) or "nothing"})', flush=True)
   if _BACKEND.value == 'local':
-    failed = run_local(todo, _PYTHON.value, _EVAL_NUM.value, _PARALLEL.value, _DRY_RUN.value)
+    failed = run_local(todo, _PYTHON.value or sys.executable, _EVAL_NUM.value,
+                       _PARALLEL.value, _DRY_RUN.value)
   else:
     opts = {'partition': _SLURM_PARTITION.value, 'time': _SLURM_TIME.value,
             'gpus': _SLURM_GPUS.value, 'cpus': _SLURM_CPUS.value, 'mem': _SLURM_MEM.value,
             'extra': _SLURM_EXTRA.value, 'setup': _SLURM_SETUP.value}
-    failed = run_slurm(todo, manifest, root, _PYTHON.value, _EVAL_NUM.value, opts,
-                       _DRY_RUN.value)
+    failed = run_slurm(todo, manifest, root, _PYTHON.value or 'python', _EVAL_NUM.value,
+                       opts, _DRY_RUN.value)
   if not _DRY_RUN.value and _BACKEND.value == 'local':
     print(f'[sweep] finished; table: python -m scm_jax.report --root={root}', flush=True)
   if failed:

@@ -102,7 +102,9 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
       row['status'] = 'incomplete'
     rows.append(row)
   ed = sorted({k for r in rows for k in r if k.startswith('ed_') and k not in TRAILING})
-  columns = ['run'] + varying + [c for c in LEADING if any(c in r for r in rows)] + ed
+  std = sorted({k for r in rows for k in r if k.startswith('std_')})
+  std += ['data_std'] if std else []
+  columns = ['run'] + varying + [c for c in LEADING if any(c in r for r in rows)] + ed + std
   columns += [c for c in TRAILING if any(c in r for r in rows)]
   return rows, columns
 
@@ -142,20 +144,19 @@ def default_metric(columns: Sequence[str]) -> str:
 
 def plot(path: str, root: str, rows: Sequence[dict], metric: str) -> None:
   """Three panels: per-run mse and grad-norm curves, and `metric` per run (log x)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  from matplotlib import colormaps
+  from scm_jax import visualize
 
   runs = {name: workdir for name, workdir, _ in _find_workdirs(root)}
   colors = {'ok': 'C2', 'unstable': 'C1', 'failed': 'C4', 'diverged': 'C3', 'incomplete': '0.6'}
-  fig, axes = plt.subplots(1, 3, figsize=(20, 0.3 * len(rows) + 4),
-                           gridspec_kw={'width_ratios': [1, 1, 1.3]})
+  fig = visualize.new_figure((20, 0.3 * len(rows) + 4))
+  axes = fig.subplots(1, 3, gridspec_kw={'width_ratios': [1, 1, 1.3]})
   for i, r in enumerate(rows):
     hist = read_metrics(runs[r['run']])
     steps = [h['step'] for h in hist]
     for ax, key in zip(axes[:2], ('mse', 'grad_norm')):
       vals = [h.get(key, math.nan) for h in hist]
-      ax.plot(steps, vals, color=plt.cm.tab20(i % 20), label=r['run'], lw=1)
+      ax.plot(steps, vals, color=colormaps['tab20'](i % 20), label=r['run'], lw=1)
   for ax, key in zip(axes[:2], ('training mse', 'gradient norm')):
     ax.set_yscale('log')
     ax.set_xlabel('step')
@@ -179,8 +180,7 @@ def plot(path: str, root: str, rows: Sequence[dict], metric: str) -> None:
   if metric.startswith('ed_'):
     axes[2].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  fig.savefig(path)
 
 
 def write_report(root: str, out: Optional[str] = None, metric: Optional[str] = None) -> dict:

@@ -34,12 +34,9 @@ def image_grid(images: np.ndarray, cols: int = 0, pad: int = 1, upscale: int = 0
 def scatter_plot(points: np.ndarray, reference: np.ndarray = None, title: str = '',
                  lim: float = 0.0, size: int = 4) -> np.ndarray:
   """2-D points (and optional reference points in grey) -> uint8 RGB image via matplotlib."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
   points = np.asarray(points)
-  fig, ax = plt.subplots(figsize=(size, size), dpi=80)
+  fig = new_figure((size, size))
+  ax = fig.add_subplot()
   if reference is not None:
     ax.scatter(reference[:, 0], reference[:, 1], s=1, c='0.75', label='data')
   ax.scatter(points[:, 0], points[:, 1], s=1, c='C0', label='samples')
@@ -50,11 +47,24 @@ def scatter_plot(points: np.ndarray, reference: np.ndarray = None, title: str = 
   ax.set_aspect('equal')
   if title:
     ax.set_title(title)
+  return figure_to_image(fig)
+
+
+def new_figure(figsize, dpi: int = 80):
+  """A matplotlib Figure on its own Agg canvas: no pyplot, so a notebook's backend and
+  open figures are left alone."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=figsize, dpi=dpi)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def figure_to_image(fig) -> np.ndarray:
+  """Renders a new_figure() Figure -> uint8 RGB array."""
   fig.tight_layout()
   fig.canvas.draw()
-  image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-  plt.close(fig)
-  return image
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def samples_to_image(samples: np.ndarray, reference: np.ndarray = None, title: str = '') -> np.ndarray:
@@ -85,16 +95,14 @@ def loss_by_time_plot(snapshots: list, title: str = 'training mse by time t',
   Shows where in t in [0, pi/2] the model's error sits (e.g. a blow-up near t -> pi/2,
   where a large time-embedding scale hurts first).
   """
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(size * 1.4, size), dpi=80)
+  from matplotlib import colormaps
+  fig = new_figure((size * 1.4, size))
+  ax = fig.add_subplot()
   n = len(snapshots)
   for i, (step, scalars) in enumerate(snapshots):
     t, mse = loss_by_time(scalars)
     if len(t):
-      ax.plot(t, mse, marker='o', ms=3, color=plt.cm.viridis(0.15 + 0.8 * i / max(n - 1, 1)),
+      ax.plot(t, mse, marker='o', ms=3, color=colormaps['viridis'](0.15 + 0.8 * i / max(n - 1, 1)),
               label=f'step {step}')
   ax.set_xlim(0, math.pi / 2)
   ax.set_xlabel('t')
@@ -104,8 +112,4 @@ def loss_by_time_plot(snapshots: list, title: str = 'training mse by time t',
   ax.set_title(title)
   if n:
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.canvas.draw()
-  image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-  plt.close(fig)
-  return image
+  return figure_to_image(fig)

@@ -157,7 +157,7 @@ def test_slurm_backend_writes_sbatch_scripts(tmp_path):
   script = open(os.path.join(root, 'slurm', f'{name}.sbatch')).read()
   for line in ('#SBATCH --partition=gpu', '#SBATCH --gres=gpu:2', '#SBATCH --account=abc',
                'source .venv/bin/activate',
-               f'--point={os.path.abspath(os.path.join(root, name))}'):
+               'srun python -m launch.sweep --point=' + os.path.abspath(os.path.join(root, name))):
     assert line in script, script
   point = json.load(open(os.path.join(root, name, 'point.json')))
   assert point['overrides']['model.time_embed_scale'] == 1000.0
