@@ -39,6 +39,8 @@ _SET = flags.DEFINE_multi_string('set', [], 'Override for every point (wins over
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: jobs run at once (1 = sequential).')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Write workdirs / scripts and print the '
                              'commands, but run or submit nothing.')
+_ONLY = flags.DEFINE_string('only', '', 'Run only these point indices, e.g. "0,3,5-8" '
+                            '(default all).')
 _RERUN = flags.DEFINE_bool('rerun', False, 'Also run points that already have result.json.')
 _EVAL_NUM = flags.DEFINE_integer('eval_num', 2000, 'Samples (and held-out examples, at most) '
                                  'for the end-of-run energy distances.')
@@ -116,6 +118,23 @@ def write_manifest(manifest, root):
     atomic_write_text(os.path.join(p['workdir'], 'point.json'),
                       json.dumps({'base': manifest['base'], 'name': p['name'],
                                   'overrides': p['overrides']}, indent=2))
+
+
+def parse_only(spec, num_points):
+  """'0,3,5-8' -> {0, 3, 5, 6, 7, 8}; '' -> every index."""
+  if not spec:
+    return set(range(num_points))
+  out = set()
+  try:
+    for part in spec.split(','):
+      lo, _, hi = part.partition('-')
+      out.update(range(int(lo), int(hi or lo) + 1))
+  except ValueError:
+    raise ConfigError(f'--only={spec!r}: expected point indices like "0,3,5-8".') from None
+  bad = sorted(i for i in out if not 0 <= i < num_points)
+  if bad:
+    raise ConfigError(f'--only={spec!r}: no point {bad[0]}; the sweep has {num_points}.')
+  return out
 
 
 def point_command(workdir, python, eval_num):
@@ -267,7 +286,9 @@ def main(argv):
   root = _ROOT.value or os.path.join('runs', 'sweeps', name)
   manifest = plan(_SWEEP.value, _BASE.value, root, parse_set(_SET.value))
   write_manifest(manifest, root)
-  todo = [p for p in manifest['points'] if _RERUN.value or not is_done(p['workdir'])]
+  only = parse_only(_ONLY.value, len(manifest['points']))
+  todo = [p for i, p in enumerate(manifest['points'])
+          if i in only and (_RERUN.value or not is_done(p['workdir']))]
   print(f'[sweep] {len(manifest["points"])} points in {root} ({len(todo)} to run; '
         f'varying: {", ".join(manifest["varying"]) or "nothing"})', flush=True)
   if _BACKEND.value == 'local':
