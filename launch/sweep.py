@@ -29,33 +29,39 @@ from scm_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/*.py, get_sweep()).')
-_BASE = flags.DEFINE_string('base', None, 'Recipe every point starts from (default: the '
-                            "sweep file's BASE).")
-_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'slurm'], 'Where jobs run.')
-_ROOT = flags.DEFINE_string('root', None, 'Sweep directory (default runs/sweeps/<sweep name>).')
-_SET = flags.DEFINE_multi_string('set', [], 'Override for every point (wins over the sweep), e.g. '
-                                 '--set=train.num_steps=2000 (repeatable).')
-_PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: jobs run at once (1 = sequential).')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Write workdirs / scripts and print the '
-                             'commands, but run or submit nothing.')
-_ONLY = flags.DEFINE_string('only', '', 'Run only these point indices, e.g. "0,3,5-8" '
-                            '(default all).')
-_RERUN = flags.DEFINE_bool('rerun', False, 'Also run points that already have result.json.')
-_EVAL_NUM = flags.DEFINE_integer('eval_num', 2000, 'Samples (and held-out examples, at most) '
-                                 'for the end-of-run energy distances.')
-_PYTHON = flags.DEFINE_string('python', None, 'Interpreter the jobs run (default: this one '
-                              "for local jobs, 'python' on PATH after --slurm_setup for SLURM).")
-_SLURM_PARTITION = flags.DEFINE_string('slurm_partition', '', 'sbatch --partition.')
-_SLURM_TIME = flags.DEFINE_string('slurm_time', '04:00:00', 'sbatch --time.')
-_SLURM_GPUS = flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job (--gres=gpu:N; 0 = none).')
-_SLURM_CPUS = flags.DEFINE_integer('slurm_cpus', 8, 'sbatch --cpus-per-task.')
-_SLURM_MEM = flags.DEFINE_string('slurm_mem', '', "sbatch --mem (e.g. '64G').")
-_SLURM_EXTRA = flags.DEFINE_multi_string('slurm_extra', [], 'Extra "#SBATCH ..." option, '
-                                         'e.g. --slurm_extra=--account=abc (repeatable).')
-_SLURM_SETUP = flags.DEFINE_string('slurm_setup', '', 'Shell line run before the job '
-                                   '(e.g. "module load cuda; source .venv/bin/activate").')
-_POINT = flags.DEFINE_string('point', None, 'Internal: run the one point in this workdir.')
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Defined only when run as a program: importing this module (e.g. from a notebook
+  or a test) leaves absl's global flags alone."""
+  flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/*.py, get_sweep()).')
+  flags.DEFINE_string('base', None, "Recipe every point starts from (default: the sweep "
+                      "file's BASE).")
+  flags.DEFINE_enum('backend', 'local', ['local', 'slurm'], 'Where jobs run.')
+  flags.DEFINE_string('root', None, 'Sweep directory (default runs/sweeps/<sweep name>).')
+  flags.DEFINE_multi_string('set', [], 'Override for every point (wins over the sweep), '
+                            'e.g. --set=train.num_steps=2000 (repeatable).')
+  flags.DEFINE_integer('parallel', 1, 'local: jobs run at once (1 = sequential).')
+  flags.DEFINE_bool('dry_run', False, 'Write workdirs / scripts and print the commands, '
+                    'but run or submit nothing.')
+  flags.DEFINE_string('only', '', 'Run only these point indices, e.g. "0,3,5-8" '
+                      '(default all).')
+  flags.DEFINE_bool('rerun', False, 'Also run points that already have result.json.')
+  flags.DEFINE_integer('eval_num', 2000, 'Samples (and held-out examples, at most) for the '
+                       'end-of-run energy distances.')
+  flags.DEFINE_string('python', None, 'Interpreter the jobs run (default: this one for '
+                      "local jobs, 'python' on PATH after --slurm_setup for SLURM).")
+  flags.DEFINE_string('slurm_partition', '', 'sbatch --partition.')
+  flags.DEFINE_string('slurm_time', '04:00:00', 'sbatch --time.')
+  flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job (--gres=gpu:N; 0 = none).')
+  flags.DEFINE_integer('slurm_cpus', 8, 'sbatch --cpus-per-task.')
+  flags.DEFINE_string('slurm_mem', '', "sbatch --mem (e.g. '64G').")
+  flags.DEFINE_multi_string('slurm_extra', [], 'Extra "#SBATCH ..." option, e.g. '
+                            '--slurm_extra=--account=abc (repeatable).')
+  flags.DEFINE_string('slurm_setup', '', 'Shell line run before the job (e.g. "module '
+                      'load cuda; source .venv/bin/activate").')
+  flags.DEFINE_string('point', None, 'Internal: run the one point in this workdir.')
 
 
 # --------------------------------------------------------------------- planning
@@ -278,29 +284,29 @@ def run_point(workdir, eval_num):
 
 def main(argv):
   del argv
-  if _POINT.value:
-    return run_point(_POINT.value, _EVAL_NUM.value)
-  if not _SWEEP.value:
+  if FLAGS.point:
+    return run_point(FLAGS.point, FLAGS.eval_num)
+  if not FLAGS.sweep:
     raise ConfigError('--sweep=configs/sweeps/<name>.py is required.')
-  name = os.path.splitext(os.path.basename(_SWEEP.value))[0]
-  root = _ROOT.value or os.path.join('runs', 'sweeps', name)
-  manifest = plan(_SWEEP.value, _BASE.value, root, parse_set(_SET.value))
+  name = os.path.splitext(os.path.basename(FLAGS.sweep))[0]
+  root = FLAGS.root or os.path.join('runs', 'sweeps', name)
+  manifest = plan(FLAGS.sweep, FLAGS.base, root, parse_set(FLAGS.set))
   write_manifest(manifest, root)
-  only = parse_only(_ONLY.value, len(manifest['points']))
+  only = parse_only(FLAGS.only, len(manifest['points']))
   todo = [p for i, p in enumerate(manifest['points'])
-          if i in only and (_RERUN.value or not is_done(p['workdir']))]
+          if i in only and (FLAGS.rerun or not is_done(p['workdir']))]
   print(f'[sweep] {len(manifest["points"])} points in {root} ({len(todo)} to run; '
         f'varying: {", ".join(manifest["varying"]) or "nothing"})', flush=True)
-  if _BACKEND.value == 'local':
-    failed = run_local(todo, _PYTHON.value or sys.executable, _EVAL_NUM.value,
-                       _PARALLEL.value, _DRY_RUN.value)
+  if FLAGS.backend == 'local':
+    failed = run_local(todo, FLAGS.python or sys.executable, FLAGS.eval_num,
+                       FLAGS.parallel, FLAGS.dry_run)
   else:
-    opts = {'partition': _SLURM_PARTITION.value, 'time': _SLURM_TIME.value,
-            'gpus': _SLURM_GPUS.value, 'cpus': _SLURM_CPUS.value, 'mem': _SLURM_MEM.value,
-            'extra': _SLURM_EXTRA.value, 'setup': _SLURM_SETUP.value}
-    failed = run_slurm(todo, manifest, root, _PYTHON.value or 'python', _EVAL_NUM.value,
-                       opts, _DRY_RUN.value)
-  if not _DRY_RUN.value and _BACKEND.value == 'local':
+    opts = {'partition': FLAGS.slurm_partition, 'time': FLAGS.slurm_time,
+            'gpus': FLAGS.slurm_gpus, 'cpus': FLAGS.slurm_cpus, 'mem': FLAGS.slurm_mem,
+            'extra': FLAGS.slurm_extra, 'setup': FLAGS.slurm_setup}
+    failed = run_slurm(todo, manifest, root, FLAGS.python or 'python', FLAGS.eval_num,
+                       opts, FLAGS.dry_run)
+  if not FLAGS.dry_run and FLAGS.backend == 'local':
     print(f'[sweep] finished; table: python -m scm_jax.report --root={root}', flush=True)
   if failed:
     print(f'error: {failed} job(s) failed; see their log.txt.', file=sys.stderr)
@@ -308,4 +314,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)

@@ -21,10 +21,17 @@ from absl import flags
 
 from scm_jax import cli
 
-_ROOT = flags.DEFINE_string('root', None, 'Sweep root or directory of training workdirs.')
-_OUT = flags.DEFINE_string('out', None, 'Output prefix (default <root>/report).')
-_METRIC = flags.DEFINE_string('metric', None, 'Metric for the bar plot (default: ed_2step, '
-                              'else the first ed_* column, else final_loss).')
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Defined only when run as a program: importing this module (e.g. from a
+  notebook) leaves absl's global flags alone."""
+  flags.DEFINE_string('root', None, 'Sweep root or directory of training workdirs.')
+  flags.DEFINE_string('out', None, 'Output prefix (default <root>/report).')
+  flags.DEFINE_string('metric', None, 'Metric for the bar plot (default: ed_2step, else '
+                      'the first ed_* column, else final_loss).')
+
 
 LEADING = ('status', 'final_step', 'final_loss', 'final_mse', 'final_grad_norm',
            'max_grad_norm', 'skipped_steps')
@@ -200,13 +207,14 @@ def write_report(root: str, out: Optional[str] = None, metric: Optional[str] = N
 def main(argv):
   del argv
   from scm_jax.errors import ConfigError
-  if not _ROOT.value:
+  if not FLAGS.root:
     raise ConfigError('--root=DIR is required (a sweep root or a training workdir).')
-  paths = write_report(_ROOT.value, _OUT.value, _METRIC.value)
+  paths = write_report(FLAGS.root, FLAGS.out, FLAGS.metric)
   with open(paths['md']) as f:
     print(f.read(), end='')
   print(f'wrote {paths["md"]}, {paths["csv"]}, {paths["png"]}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)

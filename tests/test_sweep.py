@@ -55,6 +55,18 @@ def test_apply_overrides_checks_fields_and_values():
     sweep_lib.apply_overrides(base, {'loss.kind': 'sctt'})  # validate_config runs
 
 
+def test_only_selects_points_and_modules_import_without_flags():
+  from launch import sweep as launch_sweep
+  from scm_jax import report  # both define --root, but only when run as programs
+  assert report.default_metric(['run', 'ed_1step', 'ed_2step']) == 'ed_2step'
+  assert launch_sweep.parse_only('0,3,5-7', 10) == {0, 3, 5, 6, 7}
+  assert launch_sweep.parse_only('', 3) == {0, 1, 2}
+  with pytest.raises(ConfigError, match='no point 12'):
+    launch_sweep.parse_only('12', 10)
+  with pytest.raises(ConfigError, match='indices'):
+    launch_sweep.parse_only('a', 10)
+
+
 def test_classify_from_numbers():
   good = {'final_loss': -1.0, 'final_grad_norm': 0.5, 'ed_1step': 0.01, 'ed_2step': 0.005,
           'finite_1step': 1.0, 'finite_2step': 1.0, 'ed_noise': 0.1, 'skipped_steps': 0}
