@@ -6,7 +6,8 @@ writes PREFIX.md (Markdown table), PREFIX.csv and PREFIX.png (training curves an
 final sample metric per run); PREFIX defaults to <root>/report. Rows come from
 <root>/sweep.json in sweep order, else from every directory under root holding a
 metrics.jsonl. Per run: the swept overrides, status (ok / unstable / failed / diverged, see
-scm_jax/evaluation/run_metrics.py; 'incomplete' while a job has no result.json),
+scm_jax/evaluation/run_metrics.py; 'incomplete' while a job has no result.json,
+'not run' before it logs anything),
 final training metrics and the end-of-run energy distances. Usable from a notebook:
 `rows, columns = report.collect(root)`.
 """
@@ -105,8 +106,9 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
       row.update(status=result['status'], reason=result.get('reason', ''),
                  train_seconds=round(result.get('train_seconds', 0.0), 1))
     else:
-      row.update(run_metrics.training_summary(read_metrics(workdir)))
-      row['status'] = 'incomplete'
+      history = read_metrics(workdir)
+      row.update(run_metrics.training_summary(history))
+      row['status'] = 'incomplete' if history else 'not run'
     rows.append(row)
   ed = sorted({k for r in rows for k in r if k.startswith('ed_') and k not in TRAILING})
   std = sorted({k for r in rows for k in r if k.startswith('std_')})
