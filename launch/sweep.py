@@ -276,6 +276,7 @@ def run_point(workdir, eval_num):
     error = error or str(e)
   status, reason = run_metrics.classify(metrics, stopped)
   result = {'name': point['name'], 'status': status, 'reason': reason, 'error': error,
+            'stopped': stopped,
             'train_seconds': train_seconds, 'metrics': metrics,
             'overrides': point['overrides']}
   atomic_write_text(os.path.join(workdir, 'result.json'), json.dumps(result, indent=2))

@@ -34,7 +34,7 @@ def _define_flags():
                       'the first ed_* column, else final_loss).')
 
 
-LEADING = ('status', 'final_step', 'final_loss', 'final_mse', 'final_grad_norm',
+LEADING = ('status', 'final_step', 'final_loss', 'final_mse', 'max_mse', 'final_grad_norm',
            'max_grad_norm', 'skipped_steps')
 TRAILING = ('ed_noise', 'ed_data', 'train_seconds', 'reason')
 
@@ -101,13 +101,16 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
     row = {'run': name}
     row.update({k: _config_value(workdir, k, overrides.get(k, '')) for k in varying})
     result = _read_json(os.path.join(workdir, 'result.json'))
+    history = read_metrics(workdir)
+    row.update(run_metrics.training_summary(history))
     if result is not None:
+      # Classified again here, so the table follows the current criteria.
       row.update(result['metrics'])
-      row.update(status=result['status'], reason=result.get('reason', ''),
+      stopped = result.get('stopped', result.get('reason') == run_metrics.STOPPED)
+      status, reason = run_metrics.classify(row, stopped)
+      row.update(status=status, reason=reason,
                  train_seconds=round(result.get('train_seconds', 0.0), 1))
     else:
-      history = read_metrics(workdir)
-      row.update(run_metrics.training_summary(history))
       row['status'] = 'incomplete' if history else 'not run'
     rows.append(row)
   ed = sorted({k for r in rows for k in r if k.startswith('ed_') and k not in TRAILING})

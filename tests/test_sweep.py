@@ -77,6 +77,8 @@ def test_classify_from_numbers():
   assert run_metrics.classify(dict(good, ed_1step=0.2, finite_2step=0.9))[0] == 'diverged'
   assert run_metrics.classify(dict(good, ed_2step=math.nan))[0] == 'diverged'
   assert run_metrics.classify(dict(good, final_loss=math.inf))[0] == 'diverged'
+  assert run_metrics.classify(dict(good, max_mse=490.0))[0] == 'diverged'  # clipped blow-up
+  assert run_metrics.classify(dict(good, max_mse=0.5))[0] == 'ok'
   s = run_metrics.training_summary([{'step': 5, 'loss': 1.0, 'grad_norm': 3.0},
                                     {'step': 10, 'loss': math.nan, 'grad_norm': 1.0,
                                      'nonfinite_total': 4}])

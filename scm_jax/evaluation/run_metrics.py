@@ -6,8 +6,10 @@ references drawn the same way: the prior noise z ~ N(0, sigma_d^2 I) (what a use
 sampler is as good as) and training data (what a perfect one reaches).
 
 A run is classified from its numbers (`classify`), worst first:
-  diverged  training stopped on non-finite steps, or a final metric or a sample is
-            non-finite;
+  diverged  training stopped on non-finite steps, a final metric or a sample is
+            non-finite, or the training mse exploded (max logged mse > mse_limit, 10 by
+            default: the consistency target F- + g stays O(1) in a healthy run, and a
+            clipped optimizer keeps the parameters finite while the loss blows up);
   failed    finite, but a sampler is no closer to the data than the prior noise
             (energy distance >= ed_noise): nothing useful was learned;
   unstable  usable samples, but some steps were skipped (non-finite loss or gradient);
@@ -73,6 +75,9 @@ def training_summary(rows: Sequence[Mapping]) -> dict:
   for k in ('loss', 'mse', 'grad_norm', 'tangent_norm', 'weight'):
     if k in last:
       out[f'final_{k}'] = float(last[k])
+  mses = [float(r['mse']) for r in rows if 'mse' in r]
+  if mses:
+    out['max_mse'] = float(np.nanmax(mses)) if np.any(np.isfinite(mses)) else math.nan
   grads = [float(r['grad_norm']) for r in rows if 'grad_norm' in r]
   if grads:
     out['max_grad_norm'] = float(np.nanmax(grads)) if np.any(np.isfinite(grads)) else math.nan
@@ -87,12 +92,18 @@ def sampler_names(metrics: Mapping) -> list[str]:
   return [k[3:] for k in metrics if k.startswith('ed_') and k not in ('ed_noise', 'ed_data')]
 
 
-def classify(metrics: Mapping, stopped: bool = False) -> tuple[str, str]:
+STOPPED = 'training stopped on non-finite steps'
+
+
+def classify(metrics: Mapping, stopped: bool = False,
+             mse_limit: float = 10.0) -> tuple[str, str]:
   """(status, reason) of a finished run from its merged summary and sample metrics."""
   if stopped:
-    return 'diverged', 'training stopped on non-finite steps'
+    return 'diverged', STOPPED
   if metrics.get('nonfinite_loss_logs', 0) > 0:
     return 'diverged', 'non-finite logged loss'
+  if metrics.get('max_mse', 0.0) > mse_limit:
+    return 'diverged', f'training mse exploded (max {metrics["max_mse"]:.3g} > {mse_limit:g})'
   for k in ('final_loss', 'final_grad_norm'):
     if k in metrics and not math.isfinite(metrics[k]):
       return 'diverged', f'{k} is not finite'
