@@ -50,6 +50,8 @@ def _define_flags():
   flags.DEFINE_bool('rerun', False, 'Also run points that already have result.json.')
   flags.DEFINE_integer('eval_num', 2000, 'Samples (and held-out examples, at most) for the '
                        'end-of-run energy distances.')
+  flags.DEFINE_string('eval_ema', '', "Weights for the end-of-run samples: '' = the "
+                      "config's sample.ema, 'params' = raw weights (short runs).")
   flags.DEFINE_string('python', None, 'Interpreter the jobs run (default: this one for '
                       "local jobs, 'python' on PATH after --slurm_setup for SLURM).")
   flags.DEFINE_string('slurm_partition', '', 'sbatch --partition.')
@@ -143,9 +145,10 @@ def parse_only(spec, num_points):
   return out
 
 
-def point_command(workdir, python, eval_num):
-  return [python, '-m', 'launch.sweep', f'--point={os.path.abspath(workdir)}',
-          f'--eval_num={eval_num}']
+def point_command(workdir, python, eval_num, eval_ema=''):
+  cmd = [python, '-m', 'launch.sweep', f'--point={os.path.abspath(workdir)}',
+         f'--eval_num={eval_num}']
+  return cmd + ([f'--eval_ema={eval_ema}'] if eval_ema else [])
 
 
 def is_done(workdir):
@@ -154,7 +157,7 @@ def is_done(workdir):
 
 # --------------------------------------------------------------------- backends
 
-def run_local(points, python, eval_num, parallel, dry_run):
+def run_local(points, python, eval_num, parallel, dry_run, eval_ema=''):
   """Runs the points' jobs as subprocesses, `parallel` at a time; returns #failed."""
   queue = list(points)
   running, failed = {}, 0
@@ -163,7 +166,7 @@ def run_local(points, python, eval_num, parallel, dry_run):
   while queue or running:
     while queue and len(running) < max(1, parallel):
       p = queue.pop(0)
-      cmd = point_command(p['workdir'], python, eval_num)
+      cmd = point_command(p['workdir'], python, eval_num, eval_ema)
       print(f'[sweep] {"would run" if dry_run else "start"} {p["name"]}: {shlex.join(cmd)}',
             flush=True)
       if dry_run:
@@ -190,7 +193,7 @@ def run_local(points, python, eval_num, parallel, dry_run):
   return failed
 
 
-def sbatch_script(p, manifest_sweep, python, eval_num, opts):
+def sbatch_script(p, manifest_sweep, python, eval_num, opts, eval_ema=''):
   """The text of one job's sbatch script."""
   lines = ['#!/bin/bash',
            f'#SBATCH --job-name={os.path.splitext(os.path.basename(manifest_sweep))[0]}-{p["name"]}'[:200],
@@ -209,11 +212,11 @@ def sbatch_script(p, manifest_sweep, python, eval_num, opts):
   if opts['setup']:
     lines.append(opts['setup'])
   lines += [f'export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}',
-            'srun ' + shlex.join(point_command(p['workdir'], python, eval_num))]
+            'srun ' + shlex.join(point_command(p['workdir'], python, eval_num, eval_ema))]
   return '\n'.join(lines) + '\n'
 
 
-def run_slurm(points, manifest, root, python, eval_num, opts, dry_run):
+def run_slurm(points, manifest, root, python, eval_num, opts, dry_run, eval_ema=''):
   """Writes <root>/slurm/<name>.sbatch per point and submits them with sbatch."""
   from scm_jax.checkpoint import atomic_write_text
   sbatch = shutil.which('sbatch')
@@ -226,7 +229,8 @@ def run_slurm(points, manifest, root, python, eval_num, opts, dry_run):
   jobs = json.load(open(jobs_path)) if os.path.exists(jobs_path) else {}
   for p in points:
     path = os.path.join(root, 'slurm', f'{p["name"]}.sbatch')
-    atomic_write_text(path, sbatch_script(p, manifest['sweep'], python, eval_num, opts))
+    atomic_write_text(path, sbatch_script(p, manifest['sweep'], python, eval_num, opts,
+                                          eval_ema))
     if dry_run:
       print(f'[sweep] wrote {path}')
       continue
@@ -241,7 +245,7 @@ def run_slurm(points, manifest, root, python, eval_num, opts, dry_run):
 
 # --------------------------------------------------------------------- one point
 
-def run_point(workdir, eval_num):
+def run_point(workdir, eval_num, eval_ema=''):
   """Trains one point (resuming), evaluates it, writes result.json. Divergence is a result."""
   from scm_jax import sweep as sweep_lib
   from scm_jax.checkpoint import atomic_write_text
@@ -270,7 +274,9 @@ def run_point(workdir, eval_num):
     exp, state = loop.load_experiment(workdir)
     reference = run_metrics.held_out_reference(exp, eval_num)
     metrics.update(run_metrics.sample_quality(exp, state, reference, eval_num,
-                                              tuple(config.sample.steps)))
+                                              tuple(config.sample.steps),
+                                              ema=eval_ema or None))
+    metrics['eval_ema'] = eval_ema or config.sample.ema or 'first EMA'
     metrics['eval_step'] = int(state.step)
   except CheckpointError as e:  # stopped before its first checkpoint
     error = error or str(e)
@@ -286,7 +292,7 @@ def run_point(workdir, eval_num):
 def main(argv):
   del argv
   if FLAGS.point:
-    return run_point(FLAGS.point, FLAGS.eval_num)
+    return run_point(FLAGS.point, FLAGS.eval_num, FLAGS.eval_ema)
   if not FLAGS.sweep:
     raise ConfigError('--sweep=configs/sweeps/<name>.py is required.')
   name = os.path.splitext(os.path.basename(FLAGS.sweep))[0]
@@ -300,13 +306,13 @@ def main(argv):
         f'varying: {", ".join(manifest["varying"]) or "nothing"})', flush=True)
   if FLAGS.backend == 'local':
     failed = run_local(todo, FLAGS.python or sys.executable, FLAGS.eval_num,
-                       FLAGS.parallel, FLAGS.dry_run)
+                       FLAGS.parallel, FLAGS.dry_run, FLAGS.eval_ema)
   else:
     opts = {'partition': FLAGS.slurm_partition, 'time': FLAGS.slurm_time,
             'gpus': FLAGS.slurm_gpus, 'cpus': FLAGS.slurm_cpus, 'mem': FLAGS.slurm_mem,
             'extra': FLAGS.slurm_extra, 'setup': FLAGS.slurm_setup}
     failed = run_slurm(todo, manifest, root, FLAGS.python or 'python', FLAGS.eval_num,
-                       opts, FLAGS.dry_run)
+                       opts, FLAGS.dry_run, FLAGS.eval_ema)
   if not FLAGS.dry_run and FLAGS.backend == 'local':
     print(f'[sweep] finished; table: python -m scm_jax.report --root={root}', flush=True)
   if failed:

@@ -162,7 +162,8 @@ def test_slurm_backend_writes_sbatch_scripts(tmp_path):
   root = str(tmp_path / 'slurm_sweep')
   args = ['--sweep=configs/sweeps/toy_stability.py', '--base=configs/toy2d_sct.py',
           f'--root={root}', '--backend=slurm', '--slurm_partition=gpu', '--slurm_gpus=2',
-          '--slurm_extra=--account=abc', '--slurm_setup=source .venv/bin/activate']
+          '--slurm_extra=--account=abc', '--slurm_setup=source .venv/bin/activate',
+          '--eval_ema=params']
   p = helpers.run_module('launch.sweep', *args, '--dry_run')
   manifest = json.load(open(os.path.join(root, 'sweep.json')))
   assert len(manifest['points']) == 13 and p.stdout.count('wrote ') == 13
@@ -171,7 +172,8 @@ def test_slurm_backend_writes_sbatch_scripts(tmp_path):
   script = open(os.path.join(root, 'slurm', f'{name}.sbatch')).read()
   for line in ('#SBATCH --partition=gpu', '#SBATCH --gres=gpu:2', '#SBATCH --account=abc',
                'source .venv/bin/activate',
-               'srun python -m launch.sweep --point=' + os.path.abspath(os.path.join(root, name))):
+               'srun python -m launch.sweep --point=' + os.path.abspath(os.path.join(root, name)),
+               '--eval_ema=params'):
     assert line in script, script
   point = json.load(open(os.path.join(root, name, 'point.json')))
   assert point['overrides']['model.time_embed_scale'] == 1000.0

@@ -39,12 +39,14 @@ def _ed(x: np.ndarray, reference: np.ndarray) -> float:
 
 
 def sample_quality(exp, state, reference: np.ndarray, num: int,
-                   steps: Sequence[int] = (1, 2), seed: int = 0) -> dict:
+                   steps: Sequence[int] = (1, 2), seed: int = 0,
+                   ema: Optional[str] = None) -> dict:
   """Energy distances of 1-/2-step (or teacher ODE) samples to `reference` data.
 
   Returns ed_<name>, finite_<name> (fraction of finite samples), std_<name> for every
   sampler, plus ed_noise (prior noise vs reference), ed_data (training data vs
-  reference) and data_std.
+  reference) and data_std. `ema` picks the weights (None = config.sample.ema,
+  'params' = raw weights: a 0.999 EMA of a few hundred steps is still mostly the init).
   """
   c = exp.config
   key = jax.random.PRNGKey(seed)
@@ -53,7 +55,7 @@ def sample_quality(exp, state, reference: np.ndarray, num: int,
   runs = ([('consistency', s, f'{s}step') for s in steps] if exp.is_consistency_model
           else [('ode', c.sample.ode_steps, f'ode{c.sample.ode_steps}')])
   for i, (method, n, name) in enumerate(runs):
-    x = exp.sample(state, num, n, key=jax.random.fold_in(key, i), method=method)
+    x = exp.sample(state, num, n, key=jax.random.fold_in(key, i), method=method, ema=ema)
     out[f'ed_{name}'] = _ed(x, reference)
     out[f'finite_{name}'] = _finite_fraction(x)
     out[f'std_{name}'] = float(np.nanstd(np.where(np.isfinite(x), x, np.nan)))
