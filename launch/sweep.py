@@ -249,7 +249,7 @@ def run_point(workdir, eval_num, eval_ema=''):
   """Trains one point (resuming), evaluates it, writes result.json. Divergence is a result."""
   from scm_jax import sweep as sweep_lib
   from scm_jax.checkpoint import atomic_write_text
-  from scm_jax.errors import CheckpointError, TrainingDivergedError
+  from scm_jax.errors import CheckpointError, DataError
   from scm_jax.evaluation import run_metrics
   from scm_jax.train import loop
 
@@ -261,7 +261,11 @@ def run_point(workdir, eval_num, eval_ema=''):
   stopped, error = False, ''
   try:
     loop.train_and_evaluate(config, workdir)
-  except TrainingDivergedError as e:
+  except DataError as e:
+    # A streak of non-finite steps stops training with a DataError that says so; that is
+    # a result of the ablation. Any other data problem is the user's to fix.
+    if 'non-finite' not in str(e):
+      raise
     stopped, error = True, str(e)
   train_seconds = time.time() - t0
 

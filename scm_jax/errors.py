@@ -19,7 +19,3 @@ class DataError(ScmJaxError, ValueError):
 
 class CheckpointError(ScmJaxError, RuntimeError):
   """A checkpoint is missing, corrupted or incompatible with the config."""
-
-
-class TrainingDivergedError(DataError):
-  """Training stopped after a streak of non-finite (skipped) steps."""

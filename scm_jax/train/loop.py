@@ -32,7 +32,7 @@ from scm_jax import sampling
 from scm_jax import sharding as sharding_lib
 from scm_jax import visualize
 from scm_jax import writers
-from scm_jax.errors import ConfigError, DataError, TrainingDivergedError
+from scm_jax.errors import ConfigError, DataError
 from scm_jax.train import state as state_lib
 from scm_jax.train import step as step_lib
 
@@ -307,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         history, t_last = [], now
         streak = int(state.nonfinite_streak)
         if streak >= c.train.max_nonfinite_streak:
-          raise TrainingDivergedError(
+          raise DataError(
               f'training stopped at step {step}: the last {streak} steps had a non-finite '
               f'loss or gradient and were skipped (metrics: {host}). The parameters are '
               'those of the last good step; the newest checkpoint is intact. Check the '
