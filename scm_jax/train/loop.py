@@ -32,7 +32,7 @@ from scm_jax import sampling
 from scm_jax import sharding as sharding_lib
 from scm_jax import visualize
 from scm_jax import writers
-from scm_jax.errors import ConfigError, DataError
+from scm_jax.errors import ConfigError
 from scm_jax.train import nonfinite
 from scm_jax.train import preemption
 from scm_jax.train import state as state_lib
@@ -288,6 +288,17 @@ def _sample_images(exp: Experiment, state, step: int) -> dict:
   return images
 
 
+def _remember_loss_by_time(by_t: list, step: int, host: dict, keep: int = 5) -> list:
+  """Keeps the last `keep` loss-by-time snapshots (mse_by_t/* scalars)."""
+  snap = {k: v for k, v in host.items() if k.startswith('mse_by_t/')}
+  return (by_t + [(step, snap)])[-keep:] if snap else by_t
+
+
+def _loss_by_time_image(by_t: list) -> dict:
+  """The loss-by-time plot for TensorBoard/PNG (empty before the first log)."""
+  return {'loss_by_t': visualize.loss_by_time_plot(by_t)} if by_t else {}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dxdt_fn=None, init_params=None, source=None) -> state_lib.TrainState:
   """Trains config in workdir, resuming from its newest checkpoint if there is one.
@@ -320,6 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     from tqdm.auto import tqdm
     pbar = tqdm(total=c.train.num_steps, initial=start, desc='train', dynamic_ncols=True)
   history, t_last, step = [], time.time(), start
+  by_t = []  # (step, scalars) snapshots for the loss-by-time plot
   preempt = preemption.PreemptionHandler(c.train.handle_signals).install()
   try:
     while step < c.train.num_steps:
@@ -348,11 +360,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         host['steps_per_sec'] = len(history) / max(now - t_last, 1e-9)
         host['nonfinite_total'] = int(state.nonfinite_total)
         writer.write_scalars(step, host)
+        by_t = _remember_loss_by_time(by_t, step, host)
         if pbar is not None:
           pbar.set_postfix(loss=f'{host["loss"]:.4g}')
         history, t_last = [], now
       if c.train.sample_every and step % c.train.sample_every == 0:
-        writer.write_images(step, _sample_images(exp, state, step))
+        writer.write_images(step, {**_sample_images(exp, state, step),
+                                   **_loss_by_time_image(by_t)})
       if step % c.train.ckpt_every == 0 or step == c.train.num_steps or stop:
         ckpt.save(step, state, dict(_meta(exp, step + data_offset), **guard.meta()))
       if stop and step < c.train.num_steps:
