@@ -45,7 +45,9 @@ def sample_batches(exp, params, num: int, batch_size: int, sampler: Sampler, see
   Conditional models get labels cycling over the classes (global index % num_classes).
   """
   n_dev = exp.mesh.size
-  if batch_size % n_dev:
+  if num < 1:
+    raise ConfigError(f'--num must be >= 1, got {num}.')
+  if batch_size < 1 or batch_size % n_dev:
     raise ConfigError(f'--batch_size={batch_size} is not divisible by the {n_dev} devices; '
                       f'use a multiple of {n_dev}.')
   key = jax.random.PRNGKey(seed)

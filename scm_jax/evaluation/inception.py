@@ -213,10 +213,30 @@ class InceptionV3FID(nn.Module):
 
 # ------------------------------------------------------------------ weights I/O
 
-def init_variables(key, input_size: int = INPUT_SIZE) -> dict:
-  """Random {'params', 'batch_stats'} of the same structure (for tests and checks)."""
+def abstract_variables(input_size: int = INPUT_SIZE) -> dict:
+  """Shapes of {'params', 'batch_stats'} (no computation)."""
   model = InceptionV3FID(input_size)
-  return model.init(key, jnp.zeros((1, input_size, input_size, 3)))
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, input_size, input_size, 3))))
+
+
+def random_variables(seed: int = 0, input_size: int = INPUT_SIZE) -> dict:
+  """Random variables of the same structure, scaled so features stay O(1) through the
+  ~100 layers (He-normal kernels, BatchNorm statistics near identity): for tests and
+  benchmarks where the real weights are not at hand. Built in numpy, without compiling
+  `init`, which is slow on CPU."""
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for name, leaf in npz_tree.flat_leaves(abstract_variables(input_size)).items():
+    shape, kind = leaf.shape, name.rsplit('/', 1)[-1]
+    if kind == 'kernel':
+      value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+    elif kind in ('scale', 'var'):
+      value = rng.uniform(0.5, 1.5, shape)
+    else:  # BatchNorm bias and running mean
+      value = 0.1 * rng.normal(size=shape)
+    flat[name] = value.astype(np.float32)
+  return npz_tree.unflatten(flat)
 
 
 def save_inception_params(path: str, variables) -> None:
@@ -236,7 +256,7 @@ def load_inception_params(path: str) -> dict:
     raise CheckpointError(f'Inception weights file {path!r} not found. {WEIGHTS_HELP}') from None
   except (OSError, ValueError) as e:
     raise CheckpointError(f'cannot read Inception weights {path!r} ({e}). {WEIGHTS_HELP}') from None
-  expected = jax.eval_shape(lambda: init_variables(jax.random.PRNGKey(0)))
+  expected = abstract_variables()
   bad = npz_tree.mismatches(flat, expected)
   if bad:
     raise CheckpointError(f'{path!r} is not the FID Inception-v3 ({len(bad)} problems, e.g. '
