@@ -107,7 +107,7 @@ def main(argv):
       t0 = time.time()
       batches = generate.sample_batches(exp, params, _NUM.value, _BATCH.value, sampler,
                                         _SEED.value, _GUIDANCE.value)
-      total = -(-_NUM.value // _BATCH.value)
+      total = -(-_NUM.value // _BATCH.value)  # sizes were checked by sample_batches
       values = evaluator.evaluate(tqdm(batches, total=total, desc=sampler.name,
                                        disable=jax.process_index() != 0, file=sys.stderr))
       values.update(nfe=sampler.nfe, seconds=time.time() - t0)

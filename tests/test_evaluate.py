@@ -65,14 +65,13 @@ def test_sharded_sample_batches_equal_single_device():
       c = toy2d_sct.get_config()
       c.model.width, c.model.depth, c.train.batch_size = 32, 2, 16
       e8, e1 = Experiment(c), Experiment(c, devices=jax.devices()[:1])
-      params = e1.init_state().params
+      p8, p1 = e8.init_state().params, e1.init_state().params
       s = generate.Sampler('consistency', 2)
-      a = np.concatenate([x for x, _ in generate.sample_batches(e8, params, 40, 16, s, seed=3)])
-      b = np.concatenate([x for x, _ in generate.sample_batches(e1, params, 40, 16, s, seed=3)])
+      a = np.concatenate([x for x, _ in generate.sample_batches(e8, p8, 40, 16, s, seed=3)])
+      b = np.concatenate([x for x, _ in generate.sample_batches(e1, p1, 40, 16, s, seed=3)])
       assert a.shape == (40, 2)
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-      out = e8.sample(params, 16, 2, key=jax.random.PRNGKey(0))
-      sharded = e8._sampler(16, 'consistency', 2, 1.0, 'heun')(params, jax.random.PRNGKey(0), None)
+      sharded = e8._sampler(16, 'consistency', 2, 1.0, 'heun')(p8, jax.random.PRNGKey(0), None)
       assert len(sharded.sharding.device_set) == 8, sharded.sharding
       print('OK')
   ''', devices=8)
@@ -115,7 +114,7 @@ def test_evaluate_cli_writes_json_and_tensorboard(tmp_path):
   # User errors: one line, exit code 2, nothing written.
   bad = helpers.run_module('scm_jax.evaluate', f'--workdir={workdir}', '--metrics=fid',
                            check=False)
-  assert bad.returncode == 2 and bad.stderr.strip().startswith('error:')
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith('error:')
   assert 'needs images' in bad.stderr and 'Traceback' not in bad.stderr
   bad = helpers.run_module('scm_jax.evaluate', f'--workdir={workdir}', '--batch_size=0',
                            '--num=10', check=False)

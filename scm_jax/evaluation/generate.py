@@ -40,23 +40,27 @@ def samplers_for(is_consistency_model: bool, steps, solver: str) -> list[Sampler
 
 def sample_batches(exp, params, num: int, batch_size: int, sampler: Sampler, seed: int = 0,
                    guidance: float = 1.0) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
-  """Yields (samples, labels or None) batches until `num` samples were drawn.
+  """An iterator of (samples, labels or None) batches, `num` samples in all.
 
   Conditional models get labels cycling over the classes (global index % num_classes).
+  Bad sizes raise ConfigError here, before anything is sampled.
   """
   n_dev = exp.mesh.size
   if num < 1:
     raise ConfigError(f'--num must be >= 1, got {num}.')
   if batch_size < 1 or batch_size % n_dev:
-    raise ConfigError(f'--batch_size={batch_size} is not divisible by the {n_dev} devices; '
-                      f'use a multiple of {n_dev}.')
-  key = jax.random.PRNGKey(seed)
-  for b, start in enumerate(range(0, num, batch_size)):
-    labels = None
-    if exp.num_classes:
-      labels = (np.arange(start, start + batch_size) % exp.num_classes).astype(np.int32)
-    x = exp.sample(params, batch_size, sampler.steps, key=jax.random.fold_in(key, b),
-                   labels=labels, method=sampler.method, guidance=guidance,
-                   solver=sampler.solver or None)
-    n = min(batch_size, num - start)
-    yield x[:n], None if labels is None else labels[:n]
+    raise ConfigError(f'--batch_size={batch_size} must be a positive multiple of the {n_dev} '
+                      'devices.')
+
+  def batches():
+    key = jax.random.PRNGKey(seed)
+    for b, start in enumerate(range(0, num, batch_size)):
+      labels = None
+      if exp.num_classes:
+        labels = (np.arange(start, start + batch_size) % exp.num_classes).astype(np.int32)
+      x = exp.sample(params, batch_size, sampler.steps, key=jax.random.fold_in(key, b),
+                     labels=labels, method=sampler.method, guidance=guidance,
+                     solver=sampler.solver or None)
+      n = min(batch_size, num - start)
+      yield x[:n], None if labels is None else labels[:n]
+  return batches()
