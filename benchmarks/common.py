@@ -3,7 +3,8 @@
 Rules every benchmark follows (so numbers mean the same on CPU, GPU and TPU):
 - all ratios come from one process, one model, one batch;
 - each timed call ends in `jax.block_until_ready`; `warmup` untimed calls first (compile,
-  autotuning), then the median of `repeats` timed calls;
+  autotuning), then the median of `repeats` timed calls, the compared programs
+  interleaved (A B A B ...) so load changes on a shared machine hit them alike;
 - peak memory is XLA's compile-time estimate from `compiled.memory_analysis()`
   (arguments + outputs + temporaries - aliased/donated), FLOPs come from
   `compiled.cost_analysis()`;
@@ -52,27 +53,40 @@ def peak_flops(dtype: str = 'f32', override: float = 0.0) -> Optional[float]:
   return None
 
 
+def _stats(times: list[float]) -> dict:
+  return {'median_s': statistics.median(times), 'min_s': min(times), 'repeats': len(times)}
+
+
 def time_fn(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> dict:
   """Median / min wall time of fn(*args) in seconds, blocking on the result each call."""
+  return time_interleaved({'fn': lambda: fn(*args)}, repeats, warmup)['fn']
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 10,
+                     warmup: int = 2) -> dict[str, dict]:
+  """Times zero-argument callables round-robin (A B A B ...), so that load changes on a
+  shared machine hit every program alike and their ratios stay fair."""
   for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
+    for fn in fns.values():
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return {'median_s': statistics.median(times), 'min_s': min(times), 'repeats': repeats}
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {name: _stats(ts) for name, ts in times.items()}
 
 
-def time_stateful(step: Callable, state, *args, repeats: int = 10, warmup: int = 2) -> dict:
-  """Like time_fn for state = step(state, *args)[0] (donated state is threaded through)."""
+def stateful(step: Callable, state, *args) -> Callable[[], object]:
+  """A zero-argument call of state = step(state, *args)[0] (donated state threaded through)."""
   holder = [state]
 
   def call():
     out = step(holder[0], *args)
     holder[0] = out[0] if isinstance(out, tuple) else out
     return out
-  return time_fn(call, repeats=repeats, warmup=warmup)
+  return call
 
 
 def compiled_stats(jitted: Callable, *args) -> dict:

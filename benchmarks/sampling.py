@@ -58,22 +58,24 @@ def main(argv):
   samplers = [generate.Sampler('consistency', 1), generate.Sampler('consistency', 2)]
   samplers += [generate.Sampler('ode', int(n), _SOLVER.value) for n in _ODE_STEPS.value]
   labels = lambda n: (jnp.arange(n) % exp.num_classes) if exp.num_classes else None
+  # The jitted programs Experiment.sample runs (output split over the mesh), timed
+  # interleaved at the throughput batch and at batch 1.
+  run = lambda n, s: exp._sampler(n, s.method, s.steps, 1.0, s.solver or 'heun')  # pylint: disable=protected-access
+  thr = common.time_interleaved(
+      {s.name: (lambda s=s: run(batch, s)(params, key, labels(batch))) for s in samplers},
+      _REPEATS.value, _WARMUP.value)
+  lat = common.time_interleaved(
+      {s.name: (lambda s=s: run(1, s)(params, key, labels(1))) for s in samplers},
+      _REPEATS.value, _WARMUP.value)
   rows = []
   for s in samplers:
-    # The jitted program Experiment.sample runs (output split over the mesh).
-    run = exp._sampler(batch, s.method, s.steps, 1.0, s.solver or 'heun')  # pylint: disable=protected-access
-    run1 = exp._sampler(1, s.method, s.steps, 1.0, s.solver or 'heun')  # pylint: disable=protected-access
-    thr = common.time_fn(run, params, key, labels(batch), repeats=_REPEATS.value,
-                         warmup=_WARMUP.value)
-    lat = common.time_fn(run1, params, key, labels(1), repeats=_REPEATS.value,
-                         warmup=_WARMUP.value)
+    t_b, t_1 = thr[s.name]['median_s'], lat[s.name]['median_s']
     flops = flops_per_nfe * s.nfe if flops_per_nfe else None
     rows.append({'sampler': ('sCM ' if s.method == 'consistency' else 'teacher ') + s.name,
-                 'nfe': s.nfe, 'batch_ms': 1e3 * thr['median_s'],
-                 'img_s': batch / thr['median_s'], 'latency_ms': 1e3 * lat['median_s'],
-                 'gflops_per_img': flops / 1e9 if flops else None,
-                 'mfu': common.mfu(flops * batch if flops else None, thr['median_s'], peak),
-                 'throughput': thr, 'latency': lat})
+                 'nfe': s.nfe, 'batch_ms': 1e3 * t_b, 'img_s': batch / t_b,
+                 'latency_ms': 1e3 * t_1, 'gflops_per_img': flops / 1e9 if flops else None,
+                 'mfu': common.mfu(flops * batch if flops else None, t_b, peak),
+                 'throughput': thr[s.name], 'latency': lat[s.name]})
   teachers = [r for r in rows if r['sampler'].startswith('teacher')]
   for r in rows:
     for tr in teachers:

@@ -55,18 +55,16 @@ def main(argv):
     config.train.batch_size = _BATCH.value
   batch_size = config.train.batch_size
   peak = common.peak_flops('f32', _PEAK.value)
-  rows = []
 
   exps = {kind: _experiment(config, kind) for kind in ('diffusion', 'sct')}
   host_batch = next(exps['sct'].iterator(0))
+  calls, stats = {}, {}
   for kind, label in (('diffusion', 'diffusion step'), ('sct', 'sCT step')):
     exp = exps[kind]
     state = exp.init_state()
     batch = sharding_lib.put_batch(host_batch, exp.mesh)
-    stats = common.compiled_stats(exp.jit_step, state, batch)
-    timing = common.time_stateful(exp.jit_step, state, batch, repeats=_REPEATS.value,
-                                  warmup=_WARMUP.value)
-    rows.append(_row(label, timing, stats, batch_size, peak))
+    stats[label] = common.compiled_stats(exp.jit_step, state, batch)
+    calls[label] = common.stateful(exp.jit_step, state, batch)
 
   # The network call inside the consistency loss: F(x/sigma_d, t) and its jvp.
   exp = exps['sct']
@@ -83,10 +81,12 @@ def main(argv):
   jvp = jax.jit(lambda p, x_in, t_in, tx, tt: jax.jvp(lambda a, b: f(p, a, b), (x_in, t_in), (tx, tt)))
   args_f = (params, x, t)
   args_j = (params, x, t, jnp.ones_like(x), jnp.ones_like(t))
-  for label, fn, args in (('forward', forward, args_f), ('jvp-forward', jvp, args_j)):
-    stats = common.compiled_stats(fn, *args)
-    timing = common.time_fn(fn, *args, repeats=_REPEATS.value, warmup=_WARMUP.value)
-    rows.append(_row(label, timing, stats, batch_size, peak))
+  stats['forward'] = common.compiled_stats(forward, *args_f)
+  stats['jvp-forward'] = common.compiled_stats(jvp, *args_j)
+  pair_f = {'forward': lambda: forward(*args_f), 'jvp-forward': lambda: jvp(*args_j)}
+  timings = {**common.time_interleaved(calls, _REPEATS.value, _WARMUP.value),
+             **common.time_interleaved(pair_f, _REPEATS.value, _WARMUP.value)}
+  rows = [_row(name, timings[name], stats[name], batch_size, peak) for name in timings]
 
   by = {r['name']: r for r in rows}
   ratio = lambda a, b, k: by[a][k] / by[b][k] if by[a].get(k) and by[b].get(k) else None

@@ -56,7 +56,7 @@ def test_metric_names_are_checked_against_the_data():
 
 
 def test_sharded_sample_batches_equal_single_device():
-  """8 CPU devices: samples split over the mesh equal the single-device ones."""
+  """8 CPU devices: samples and features split over the mesh equal single-device ones."""
   helpers.run_python('''
       import jax, numpy as np
       from configs import toy2d_sct
@@ -73,6 +73,15 @@ def test_sharded_sample_batches_equal_single_device():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
       sharded = e8._sampler(16, 'consistency', 2, 1.0, 'heun')(p8, jax.random.PRNGKey(0), None)
       assert len(sharded.sharding.device_set) == 8, sharded.sharding
+      # Feature batches split over the 8 devices (20 rounds up to 24) equal one device.
+      from scm_jax.data.digits import load_digits_split
+      from scm_jax.evaluation import digits_classifier as dc, features
+      x = load_digits_split('test')[0][:50]
+      v = dc.load_classifier()
+      f8 = features.Extractor(dc.features_and_probs_fn, v, 20, e8.mesh)(x)
+      f1 = features.Extractor(dc.features_and_probs_fn, v, 20)(x)
+      assert f8[0].shape == (50, 64)
+      np.testing.assert_allclose(f8[0], f1[0], rtol=1e-5, atol=1e-5)
       print('OK')
   ''', devices=8)
 

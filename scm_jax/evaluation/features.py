@@ -45,11 +45,9 @@ class Extractor:
     if mesh is None:
       mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
                                sharding_lib.MESH_AXES)
-    n = mesh.size
-    if batch_size % n:
-      raise ConfigError(f'feature batch size {batch_size} is not divisible by the {n} '
-                        f'devices; use a multiple of {n}.')
-    self.batch_size = batch_size
+    if batch_size < 1:
+      raise ConfigError(f'feature batch size must be >= 1, got {batch_size}.')
+    self.batch_size = -(-batch_size // mesh.size) * mesh.size  # whole rows per device
     rep, shard = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
     self.variables = jax.device_put(variables, rep)
     self._fn = jax.jit(apply_fn, in_shardings=(rep, shard), out_shardings=shard)
