@@ -111,8 +111,12 @@ def main(argv):
       values = evaluator.evaluate(tqdm(batches, total=total, desc=sampler.name,
                                        disable=jax.process_index() != 0, file=sys.stderr))
       values.update(nfe=sampler.nfe, seconds=time.time() - t0)
-      results[sampler.name] = values
-      writer.write_scalars(step, {f'{sampler.name}/{k}': v for k, v in values.items()})
+      # A non-default --ema or --guidance is part of the name: runs with different
+      # weights or guidance sit side by side in the same metrics file.
+      name = sampler.name + (f'@{_EMA.value}' if _EMA.value else '') + (
+          f'@w{_GUIDANCE.value:g}' if _GUIDANCE.value != 1.0 else '')
+      results[name] = values
+      writer.write_scalars(step, {f'{name}/{k}': v for k, v in values.items()})
   finally:
     writer.close()
 

@@ -94,7 +94,7 @@ def test_random_init_fid_network_end_to_end(tmp_path):
   other = ev.evaluate([(np.clip(ref * 0.2 + 0.6, -1, 1), None)])
   assert np.isfinite(other['fid']) and other['fid'] > 0.1 * np.trace(
       np.cov(ev.reference_features('inception'), rowvar=False))
-  cached = np.load(str(tmp_path / 'ref_inception_t.npz'))
+  cached = np.load(str(tmp_path / 'ref_inception_random_inception_t.npz'))
   assert cached['mu'].shape == (2048,) and cached['features'].shape == (6, 2048)
 
 

@@ -88,6 +88,8 @@ class Evaluator:
     self.ref_stats = ref_stats
     spaces = {_SPACE[m] for m in self.metrics}
     self.extractors = {}
+    self._weights = {'inception': inception_weights,
+                     'digits': digits_weights or digits_classifier.DEFAULT_WEIGHTS}
     if 'inception' in spaces:
       from scm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
       if inception_variables is None:
@@ -113,7 +115,10 @@ class Evaluator:
   def _cache_path(self, space: str) -> Optional[str]:
     if not self.cache_dir:
       return None
-    return os.path.join(self.cache_dir, f'ref_{space}_{self.cache_tag}.npz')
+    # The weights file is part of the name: features of another network never match.
+    weights = os.path.splitext(os.path.basename(self._weights.get(space, '')))[0]
+    return os.path.join(self.cache_dir, f'ref_{space}{"_" + weights if weights else ""}_'
+                        f'{self.cache_tag}.npz')
 
   def reference_features(self, space: str) -> np.ndarray:
     """Features of the reference set in `space` (cached on disk when cache_dir is set)."""
