@@ -167,7 +167,9 @@ class Experiment:
           return sampling.sample_consistency(F_fn, key, shape, sd, times)
         return sampling.sample_pf_ode(F_fn, key, shape, sd, steps, solver,
                                       c.sample.ode_schedule)
-      self._samplers[cache_key] = jax.jit(run)
+      # Split the samples over the mesh when they divide evenly (evaluation batches).
+      out = sharding_lib.batch_sharding(self.mesh) if num % self.mesh.size == 0 else None
+      self._samplers[cache_key] = jax.jit(run, out_shardings=out)
     return self._samplers[cache_key]
 
   def sample(self, state_or_params, num: int, steps: Optional[int] = None, key=None,

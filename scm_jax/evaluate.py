@@ -1,0 +1,137 @@
+"""Evaluate: python -m scm_jax.evaluate --workdir=DIR --metrics=fid,pr --num=50000 --steps=1,2.
+
+Draws --num samples per sampler in mesh-sharded batches from a training workdir's
+checkpoint, extracts features in batches and computes the metrics against reference
+data (the config's data source, split --ref_split) or published statistics
+(--ref_stats=.npz with mu, sigma, as pytorch-fid / clean-fid write them).
+
+--steps are consistency steps for sCT/sCD models and PF-ODE steps (--solver) for
+diffusion teachers. Results go to DIR/eval/metrics_<ckpt step>.json (entries of earlier
+runs at that step are kept) and TensorBoard (DIR/eval/tb, tags <sampler>/<metric>).
+Metrics: see scm_jax/evaluation/evaluator.py (`auto`: by data shape; FID needs
+--inception_weights, see scm_jax/evaluation/convert_inception.py).
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import flags
+
+from scm_jax import cli
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
+_METRICS = flags.DEFINE_list('metrics', ['auto'], 'Metrics (fid, pr, fd_digits, pr_digits, '
+                             'digits_cls, energy, swd) or auto (by data shape).')
+_NUM = flags.DEFINE_integer('num', 10000, 'Samples per sampler.')
+_STEPS = flags.DEFINE_list('steps', None, 'Consistency steps (sCM) or PF-ODE steps (diffusion); '
+                           'default 1,2 or config.sample.ode_steps.')
+_SOLVER = flags.DEFINE_enum('solver', None, ['euler', 'heun', 'ddim'],
+                            'PF-ODE solver for diffusion models (default config).')
+_BATCH = flags.DEFINE_integer('batch_size', 500, 'Sampling batch (a multiple of the devices).')
+_FEATURE_BATCH = flags.DEFINE_integer('feature_batch_size', 100, 'Feature-extraction batch.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_EMA = flags.DEFINE_string('ema', None, "EMA to use ('params' = raw weights).")
+_GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.')
+_CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).')
+_INCEPTION = flags.DEFINE_string('inception_weights', os.environ.get('SCM_JAX_INCEPTION_WEIGHTS', ''),
+                                 'Converted FID Inception .npz (env SCM_JAX_INCEPTION_WEIGHTS).')
+_DIGITS = flags.DEFINE_string('digits_weights', '', 'Digits classifier .npz (default packaged).')
+_REF_STATS = flags.DEFINE_string('ref_stats', None, 'Reference FID statistics .npz (mu, sigma).')
+_REF_SPLIT = flags.DEFINE_string('ref_split', None, 'Reference data split (default config.data.split).')
+_REF_NUM = flags.DEFINE_integer('ref_num', 0, 'Reference samples (0 = the whole split).')
+_PR_K = flags.DEFINE_integer('pr_k', 3, 'k of k-NN precision / recall.')
+_QUANTIZE = flags.DEFINE_bool('quantize', True, 'Round samples to 8 bits before Inception '
+                              '(as images saved to PNG).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def _reference(exp, split: str, num: int) -> np.ndarray:
+  from scm_jax import data as data_lib
+  source = data_lib.build_source(exp.config.data, split)
+  n = len(source) if num <= 0 else min(num, len(source))
+  idx = np.sort(np.random.default_rng(0).permutation(len(source))[:n])
+  return np.concatenate([source.get(idx[i:i + 1000])['x'] for i in range(0, n, 1000)])
+
+
+def _write_json(path: str, step: int, results: dict, settings: dict) -> dict:
+  from scm_jax.checkpoint import atomic_write_text
+  old = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f).get('results', {})
+  merged = {'step': step, 'results': {**old, **results}, 'settings': settings}
+  atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True))
+  return merged
+
+
+def main(argv):
+  del argv
+  from tqdm.auto import tqdm
+  from scm_jax import writers
+  from scm_jax.evaluation import evaluator as evaluator_lib
+  from scm_jax.evaluation import fid as fid_lib
+  from scm_jax.evaluation import generate
+  from scm_jax.train import loop
+  from scm_jax.train import state as state_lib
+
+  exp, state = loop.load_experiment(_WORKDIR.value, step=_CKPT_STEP.value)
+  step = int(state.step)
+  c = exp.config
+  metrics = _METRICS.value
+  if metrics == ['auto']:
+    metrics = evaluator_lib.default_metrics(exp.data_shape)
+  metrics = evaluator_lib.check_metrics(metrics, exp.data_shape)
+  default_steps = ['1', '2'] if exp.is_consistency_model else [str(c.sample.ode_steps)]
+  samplers = generate.samplers_for(exp.is_consistency_model, _STEPS.value or default_steps,
+                                   _SOLVER.value or c.sample.ode_solver)
+  ref_stats = fid_lib.load_stats(_REF_STATS.value, 2048) if _REF_STATS.value else None
+  ref_split = _REF_SPLIT.value or c.data.split
+  needs_data = [m for m in metrics if not (m == 'fid' and ref_stats is not None)]
+  reference = _reference(exp, ref_split, _REF_NUM.value) if needs_data else None
+  eval_dir = os.path.join(_WORKDIR.value, 'eval')
+  evaluator = evaluator_lib.Evaluator(
+      metrics, reference, inception_weights=_INCEPTION.value, ref_stats=ref_stats,
+      digits_weights=_DIGITS.value, batch_size=_FEATURE_BATCH.value, mesh=exp.mesh,
+      pr_k=_PR_K.value, cache_dir=eval_dir, quantize=_QUANTIZE.value,
+      cache_tag=f'{c.data.name}_{ref_split}_{0 if reference is None else len(reference)}')
+  params = state_lib.pick_params(state, c.sample.ema if _EMA.value is None else _EMA.value)
+
+  results = {}
+  writer = writers.MetricWriter(eval_dir, enabled=jax.process_index() == 0, subdir='tb')
+  try:
+    for sampler in samplers:
+      t0 = time.time()
+      batches = generate.sample_batches(exp, params, _NUM.value, _BATCH.value, sampler,
+                                        _SEED.value, _GUIDANCE.value)
+      total = -(-_NUM.value // _BATCH.value)  # sizes were checked by sample_batches
+      values = evaluator.evaluate(tqdm(batches, total=total, desc=sampler.name,
+                                       disable=jax.process_index() != 0, file=sys.stderr))
+      values.update(nfe=sampler.nfe, seconds=time.time() - t0)
+      # A non-default --ema or --guidance is part of the name: runs with different
+      # weights or guidance sit side by side in the same metrics file.
+      name = sampler.name + (f'@{_EMA.value}' if _EMA.value else '') + (
+          f'@w{_GUIDANCE.value:g}' if _GUIDANCE.value != 1.0 else '')
+      results[name] = values
+      writer.write_scalars(step, {f'{name}/{k}': v for k, v in values.items()})
+  finally:
+    writer.close()
+
+  settings = {'metrics': metrics, 'num': _NUM.value, 'seed': _SEED.value,
+              'ema': _EMA.value or c.sample.ema or 'default', 'guidance': _GUIDANCE.value,
+              'ref_stats': _REF_STATS.value, 'ref_split': ref_split,
+              'ref_num': None if reference is None else len(reference), 'pr_k': _PR_K.value}
+  path = os.path.join(eval_dir, f'metrics_{step}.json')
+  _write_json(path, step, results, settings)
+  keys = sorted({k for v in results.values() for k in v})
+  print(f'checkpoint step {step}, {_NUM.value} samples each; wrote {path}')
+  print('sampler    ' + ' '.join(f'{k:>14}' for k in keys))
+  for name, v in results.items():
+    print(f'{name:<10} ' + ' '.join(f'{v.get(k, float("nan")):>14.5g}' for k in keys))
+
+
+if __name__ == '__main__':
+  cli.run(main)

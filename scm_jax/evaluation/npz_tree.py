@@ -1,0 +1,51 @@
+"""Network weights as plain .npz files (no pickle): nested dicts <-> 'a/b/c' keys."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def flat_leaves(tree) -> dict:
+  """{'params/layer/kernel': leaf, ...} for a nested dict (leaves may be abstract)."""
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def flatten(tree) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in flat_leaves(tree).items()}
+
+
+def unflatten(flat: dict) -> dict:
+  out = {}
+  for key, value in flat.items():
+    node = out
+    *parents, leaf = key.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = jnp.asarray(value)
+  return out
+
+
+def save(path: str, tree) -> None:
+  """Writes the tree atomically (a crash never leaves a half-written weights file)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **flatten(tree))
+  os.replace(tmp, path)
+
+
+def read(path: str) -> dict[str, np.ndarray]:
+  """The flat arrays of an .npz (pickled objects refused)."""
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
+
+
+def mismatches(flat: dict, expected_tree) -> list[str]:
+  """Names missing from `flat` or with the wrong shape, versus an (abstract) tree."""
+  expected = flat_leaves(expected_tree)
+  out = [f'missing {k}' for k in expected if k not in flat]
+  out += [f'{k}: {tuple(flat[k].shape)} != {tuple(expected[k].shape)}' for k in expected
+          if k in flat and tuple(flat[k].shape) != tuple(expected[k].shape)]
+  return out
