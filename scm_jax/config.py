@@ -81,6 +81,7 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                     # -1: all devices not used by other axes
   c.mesh.fsdp = 1
+  c.mesh.tensor = 1                    # tensor-parallel group size (see sharding.rules)
 
   c.sharding = ml_collections.ConfigDict()
   c.sharding.strategy = 'replicate'    # replicate | fsdp
@@ -128,8 +129,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          f'config.sample.ode_solver={c.sample.ode_solver!r}; use euler|heun|ddim.')
   _check(c.sharding.strategy in ('replicate', 'fsdp'),
          f'config.sharding.strategy={c.sharding.strategy!r}; use replicate|fsdp.')
-  _check(c.mesh.fsdp >= 1 and (c.mesh.data == -1 or c.mesh.data >= 1),
-         'config.mesh.data must be -1 or >= 1 and config.mesh.fsdp >= 1.')
+  for axis in ('data', 'fsdp', 'tensor'):
+    _check(c.mesh.get(axis, 1) == -1 or c.mesh.get(axis, 1) >= 1,
+           f'config.mesh.{axis} must be -1 (all remaining devices) or >= 1.')
   models_lib.build_model(c.model)  # raises ConfigError for unknown names/fields
 
 
