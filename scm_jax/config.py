@@ -10,6 +10,7 @@ import math
 import ml_collections
 
 from scm_jax import data as data_lib
+from scm_jax import distributed as distributed_lib
 from scm_jax import models as models_lib
 from scm_jax.errors import ConfigError
 
@@ -82,6 +83,8 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.mesh.data = -1                     # -1: all devices not used by other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1                    # tensor-parallel group size (see sharding.rules)
+
+  c.distributed = distributed_lib.default_distributed_config()  # multi-host start-up
 
   c.sharding = ml_collections.ConfigDict()
   c.sharding.strategy = 'replicate'    # replicate | fsdp

@@ -16,8 +16,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  from scm_jax import distributed
   from scm_jax.train import loop  # after flag parsing: a bad flag fails fast
-  loop.train_and_evaluate(cli.config_value(_CONFIG), _WORKDIR.value)
+  config = cli.config_value(_CONFIG)
+  # Multi-host: join the job before any JAX backend is used (no-op on one process).
+  distributed.initialize(config.get('distributed'))
+  loop.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':
