@@ -11,8 +11,8 @@ Sizes: dit_s, dit_b, dit_l, dit_xl, dit_xxl; unet_s, unet_m, unet_l, unet_xl, un
 `STATED_PARAMS` gives each size's parameter count (checked in tests with
 jax.eval_shape, no allocation).
 
-From the paper / shared/SCM_NOTES.md: TrigFlow with sigma_d = 0.5 (latents are scaled
-to std ~0.5 by data.latent_scale at encoding time), time proposal P_mean = -0.8,
+From the paper / shared/SCM_NOTES.md: TrigFlow with sigma_d = 0.5 (latents are normalized
+to std ~0.5 by config.vae.shift/scale at encoding time), time proposal P_mean = -0.8,
 P_std = 1.6, tangent warmup, tangent normalization c = 0.1, adaptive weighting,
 positional time embedding of c_noise(t) = t, double normalization, QK-norm in
 attention, 2-step sampling with t_mid = 1.1. Scale choices (ours): bfloat16 compute
@@ -63,6 +63,13 @@ def get_config(size: str = 'dit_xxl'):
   c.data.eval_split = 'val'
   c.data.use_labels = True
   c.data.expected_shape = (64, 64, 4)
+  c.data.latents = True
+
+  # The SD VAE (sd-vae-ft-mse) with EDM2's per-channel latent normalization to std 0.5
+  # (raw mean [5.81, 3.25, 0.12, -2.15], std [4.17, 4.62, 3.71, 3.28]). Set vae.path
+  # to its weights to encode the data and decode samples.
+  c.vae.shift = (5.81, 3.25, 0.12, -2.15)
+  c.vae.scale = tuple(0.5 / s for s in (4.17, 4.62, 3.71, 3.28))
 
   c.trigflow.sigma_d = 0.5
   c.loss.kind = 'scd'

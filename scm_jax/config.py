@@ -12,6 +12,7 @@ import ml_collections
 from scm_jax import data as data_lib
 from scm_jax import distributed as distributed_lib
 from scm_jax import models as models_lib
+from scm_jax.models import vae as vae_lib
 from scm_jax.errors import ConfigError
 
 LOSS_KINDS = ('sct', 'scd', 'diffusion')
@@ -85,6 +86,7 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.mesh.tensor = 1                    # tensor-parallel group size (see sharding.rules)
 
   c.distributed = distributed_lib.default_distributed_config()  # multi-host start-up
+  c.vae = vae_lib.default_vae_config()  # latent models: encoder/decoder of the data
 
   c.sharding = ml_collections.ConfigDict()
   c.sharding.strategy = 'replicate'    # replicate | fsdp
