@@ -65,26 +65,15 @@ def _free_port() -> int:
 
 @pytest.mark.slow  # three CLI runs with their compiles: ~2-4 min on 2 busy cores
 def test_two_processes_train_in_lockstep_like_one_process(tmp_path):
-  """2 processes x 1 CPU device (gloo collectives, each loading half of every batch,
-  one shared workdir) end with the same TrainState as 1 process x 2 devices."""
+  """launch/local.sh with NPROC=2: 2 processes x 1 CPU device (gloo collectives, each
+  loading half of every batch, one shared workdir) end with the same TrainState as
+  1 process x 2 devices."""
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'scm_jax.train', f'--workdir={multi}', *TRAIN_ARGS,
-       '--config.distributed.mode=explicit',
-       f'--config.distributed.coordinator_address=localhost:{port}',
-       '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}',
-       '--config.distributed.timeout_s=120'],
-      cwd=helpers.REPO, env=helpers.env(devices=1), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=600)[0])
-    finally:
-      if p.poll() is None:
-        p.kill()
-  assert all(p.returncode == 0 for p in procs), '\n'.join(outs)
+  env = dict(helpers.env(devices=1), NPROC='2', PORT=str(_free_port()), PYTHON=sys.executable)
+  p = subprocess.run(['bash', os.path.join(helpers.REPO, 'launch', 'local.sh'),
+                      f'--workdir={multi}', *TRAIN_ARGS, '--config.distributed.timeout_s=120'],
+                     cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stdout + p.stderr
   helpers.run_module('scm_jax.train', f'--workdir={single}', *TRAIN_ARGS, devices=2)
 
   from scm_jax.train.loop import load_experiment
@@ -97,4 +86,4 @@ def test_two_processes_train_in_lockstep_like_one_process(tmp_path):
   ref = [json.loads(l) for l in open(os.path.join(single, 'metrics.jsonl'))]
   assert [l['step'] for l in logs] == [3, 6]
   np.testing.assert_allclose([l['loss'] for l in logs], [l['loss'] for l in ref], rtol=1e-6)
-  assert 'starting from scratch' in outs[0] and 'starting from scratch' not in outs[1]
+  assert p.stderr.count('starting from scratch') == 1  # status lines from process 0 only
