@@ -5,7 +5,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -15,12 +14,7 @@ from scm_jax.models import vae as vae_lib
 from tests import helpers
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compiles():
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def tiny_vae_config(path=''):

@@ -8,13 +8,7 @@ import pytest
 from scm_jax.models import build_model, default_model_config, dit, layers
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compiles():
-  # XLA's CPU optimizations multiply compile time and buy nothing at these sizes.
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 def _qkv(shape, seed=0, n=3):
@@ -197,6 +191,24 @@ def test_dit_bfloat16_keeps_float32_params_and_tracks_float32():
   assert 0 < _rel(j16, j32) < 1e-1
 
 
+def test_unet_remat_gives_the_same_loss_gradient():
+  cfg = default_model_config('unet')
+  cfg.update(dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                  num_heads=2, logvar_channels=16))
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  t = jnp.array([0.3, 1.2])
+  grads = []
+  for remat in ('none', 'full'):
+    cfg.remat = remat
+    model = build_model(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), x, t)['params']
+    loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, x, t)[0] + x))
+    grads.append(jax.jit(jax.grad(loss))(params))
+  assert float(jnp.abs(grads[0]['conv_out']['kernel']).max()) > 0
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ configs
 
 
@@ -224,6 +236,20 @@ def test_imagenet512_param_counts_match_stated_size(size):
 
 
 # ------------------------------------------------------------------ sharding
+
+
+def test_mesh_shape_from_config():
+  import ml_collections
+  from scm_jax import sharding
+  from scm_jax.errors import ConfigError
+  mesh = lambda **kw: ml_collections.ConfigDict(dict(dict(data=1, fsdp=1, tensor=1), **kw))
+  assert sharding.mesh_shape(mesh(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+  assert sharding.mesh_shape(mesh(fsdp=-1), 8) == (1, 8, 1)
+  assert sharding.mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), 4) == (4, 1, 1)
+  for bad, match in ((mesh(data=-1, fsdp=-1), 'at most one'), (mesh(data=-1, fsdp=3), 'divide'),
+                     (mesh(data=2, fsdp=2), '4 devices, but 8')):
+    with pytest.raises(ConfigError, match=match):
+      sharding.mesh_shape(bad, 8)
 
 
 def test_dit_fsdp_and_tensor_parallel_step_equals_single_device():
