@@ -89,7 +89,7 @@ def _median_time(fn, repeats):
   return statistics.median(times)
 
 
-def run_one(size, impl, remat, args):
+def run_one(size, impl, remat, args, sample_too=True):
   c = _config(size, args, impl, remat)
   exp = Experiment(c, source=_source(args))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(exp.abstract_state.params))
@@ -126,6 +126,8 @@ def run_one(size, impl, remat, args):
   peak = _peak(args)
   row['mfu'] = round(flops / row['step_s'] / peak, 3) if peak else None
 
+  if not sample_too:
+    return row
   sample = lambda: exp.sample(holder[0], num=args.batch, steps=2)
   t0 = time.perf_counter()
   sample()  # compile + first run
@@ -145,13 +147,16 @@ def main():
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--flops_only', action='store_true', help='lower only: params and FLOPs')
   p.add_argument('--peak_tflops', type=float, default=0.0)
+  p.add_argument('--sample', default='all', choices=['all', 'first', 'none'],
+                 help="time 2-step sampling for every variant, each size's first, or none")
   p.add_argument('--out', default='')
   args = p.parse_args()
   rows = []
   for size in args.sizes.split(','):
-    for variant in args.variants.split(','):
+    for i, variant in enumerate(args.variants.split(',')):
       impl, remat = variant.split('/')
-      rows.append(run_one(size, impl, remat, args))
+      sample_too = args.sample == 'all' or (args.sample == 'first' and i == 0)
+      rows.append(run_one(size, impl, remat, args, sample_too))
       print(json.dumps(rows[-1]), flush=True)
   keys = list(dict.fromkeys(k for r in rows for k in r))
   print('\n| ' + ' | '.join(keys) + ' |\n|' + '---|' * len(keys))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scm_jax import sharding
 from scm_jax.errors import ConfigError
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -477,15 +478,12 @@ def maybe_remat(block: type[nn.Module], policy: str,
                   static_argnums=static_argnums)
 
 
-BATCH_MESH_AXES = ('data', 'fsdp')
-
-
 def constrain_batch(x: jax.Array) -> jax.Array:
   """Constrains activations [B, ...] to be split along the batch over the mesh's
   ('data', 'fsdp') axes, when a mesh is active (sharding.activation_mesh); a no-op
   otherwise. Keeps XLA from resharding activations along a weight's FSDP axis."""
+  axes = sharding.BATCH_AXES
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not all(a in mesh.axis_names for a in BATCH_MESH_AXES):
+  if mesh.empty or not all(a in mesh.axis_names for a in axes):
     return x
-  return jax.lax.with_sharding_constraint(
-      x, jax.sharding.PartitionSpec(BATCH_MESH_AXES))
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
