@@ -158,18 +158,22 @@ def main():
       sample_too = args.sample == 'all' or (args.sample == 'first' and i == 0)
       rows.append(run_one(size, impl, remat, args, sample_too))
       print(json.dumps(rows[-1]), flush=True)
+      _write(args, rows)  # after every row: long runs keep what they measured
   keys = list(dict.fromkeys(k for r in rows for k in r))
   print('\n| ' + ' | '.join(keys) + ' |\n|' + '---|' * len(keys))
   for r in rows:
     print('| ' + ' | '.join(str(r.get(k, '')) for k in keys) + ' |')
-  if args.out:
-    d = jax.devices()[0]
-    with open(args.out, 'w') as f:
-      json.dump({'device': {'platform': d.platform, 'kind': d.device_kind,
-                            'count': jax.device_count(), 'cpu_count': os.cpu_count(),
-                            'jax': jax.__version__},
-                 'args': vars(args), 'rows': rows}, f, indent=1)
-    print(f'wrote {args.out}')
+
+
+def _write(args, rows):
+  if not args.out:
+    return
+  d = jax.devices()[0]
+  with open(args.out, 'w') as f:
+    json.dump({'device': {'platform': d.platform, 'kind': d.device_kind,
+                          'count': jax.device_count(), 'cpu_count': os.cpu_count(),
+                          'load_avg_1min': os.getloadavg()[0], 'jax': jax.__version__},
+               'args': vars(args), 'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':
