@@ -10,7 +10,9 @@ import math
 import ml_collections
 
 from scm_jax import data as data_lib
+from scm_jax import distributed as distributed_lib
 from scm_jax import models as models_lib
+from scm_jax.models import vae as vae_lib
 from scm_jax.errors import ConfigError
 
 LOSS_KINDS = ('sct', 'scd', 'diffusion')
@@ -85,6 +87,10 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                     # -1: all devices not used by other axes
   c.mesh.fsdp = 1
+  c.mesh.tensor = 1                    # tensor-parallel group size (see sharding.rules)
+
+  c.distributed = distributed_lib.default_distributed_config()  # multi-host start-up
+  c.vae = vae_lib.default_vae_config()  # latent models: encoder/decoder of the data
 
   c.sharding = ml_collections.ConfigDict()
   c.sharding.strategy = 'replicate'    # replicate | fsdp
@@ -137,8 +143,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          f'config.sample.ode_solver={c.sample.ode_solver!r}; use euler|heun|ddim.')
   _check(c.sharding.strategy in ('replicate', 'fsdp'),
          f'config.sharding.strategy={c.sharding.strategy!r}; use replicate|fsdp.')
-  _check(c.mesh.fsdp >= 1 and (c.mesh.data == -1 or c.mesh.data >= 1),
-         'config.mesh.data must be -1 or >= 1 and config.mesh.fsdp >= 1.')
+  for axis in ('data', 'fsdp', 'tensor'):
+    _check(c.mesh.get(axis, 1) == -1 or c.mesh.get(axis, 1) >= 1,
+           f'config.mesh.{axis} must be -1 (all remaining devices) or >= 1.')
   models_lib.build_model(c.model)  # raises ConfigError for unknown names/fields
 
 

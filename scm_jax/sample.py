@@ -26,6 +26,8 @@ _T_MID = flags.DEFINE_float('t_mid', None, '2-step intermediate time (default co
 _LABELS = flags.DEFINE_list('labels', None, 'Class labels (cycled over samples).')
 _GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.')
 _CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).')
+_VAE = flags.DEFINE_string('vae', None, 'Latent models: VAE weights to decode the samples '
+                           "with (default config.vae.path; '' = keep latents).")
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -40,6 +42,8 @@ def main(argv):
     overrides['sample.t_mid'] = _T_MID.value
   if _SOLVER.value is not None:
     overrides['sample.ode_solver'] = _SOLVER.value
+  if _VAE.value is not None:
+    overrides['vae.path'] = _VAE.value
   exp, state = loop.load_experiment(_WORKDIR.value, overrides, _CKPT_STEP.value)
   labels = None
   if _LABELS.value:
@@ -57,7 +61,14 @@ def main(argv):
   out = _OUT.value or os.path.join(_WORKDIR.value, 'samples', name)
   out = out[:-4] if out.endswith(('.npz', '.png')) else out
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  arrays = {'x': x}
+  arrays = {}
+  vae_config = exp.config.get('vae')
+  if vae_config is not None and vae_config.path:
+    # Latent model: keep the latents, decode them to pixels for 'x' and the grid.
+    from scm_jax.models import vae as vae_lib
+    arrays['latents'] = x
+    x = vae_lib.decode_latents(vae_config, x)
+  arrays['x'] = x
   if labels is not None or exp.num_classes:
     arrays['label'] = np.asarray(labels if labels is not None else np.arange(len(x)) % exp.num_classes)
   np.savez(out + '.npz', **arrays)

@@ -1,7 +1,9 @@
 """Device mesh, parameter sharding rules and batch placement.
 
-The mesh has axes ('data', 'fsdp'); the batch is split over both (FSDP is data parallel
-with sharded parameters). Parameter placement is data, not code: `config.sharding.rules`
+The mesh has axes ('data', 'fsdp', 'tensor'); the batch is split over 'data' and 'fsdp'
+(FSDP is data parallel with sharded parameters); 'tensor' (size 1 unless
+config.mesh.tensor > 1) splits weights Megatron-style where config.sharding.rules say so
+and every device of a tensor group sees the same batch rows. Parameter placement is data, not code: `config.sharding.rules`
 maps regexes on the pytree path to a PartitionSpec; unmatched leaves follow the strategy
 ('replicate', or 'fsdp': shard the largest dimension divisible by the fsdp axis size).
 The same model code then runs on one device or a pod.
@@ -17,25 +19,46 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from scm_jax.errors import ConfigError
 
-MESH_AXES = ('data', 'fsdp')
+MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
 
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes; one of them may be -1 = all remaining devices."""
+  sizes = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES}
+  free = [a for a, v in sizes.items() if v == -1]
+  if len(free) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+    raise ConfigError(f'config.mesh {sizes}: sizes must be >= 1, and at most one may be -1 '
+                      '(= all remaining devices).')
+  if free:
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    if num_devices % fixed:
+      raise ConfigError(f'config.mesh {sizes}: the fixed axes ({fixed} devices) do not divide '
+                        f'the {num_devices} devices; choose divisors of the device count.')
+    sizes[free[0]] = num_devices // fixed
+  total = int(np.prod(list(sizes.values())))
+  if total != num_devices:
+    raise ConfigError(f'config.mesh {sizes} uses {total} devices, but {num_devices} are '
+                      'available; set config.mesh.data=-1 to use them all.')
+  return tuple(sizes[a] for a in MESH_AXES)
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] = None) -> Mesh:
-  """Builds the ('data', 'fsdp') mesh; mesh.data = -1 takes all remaining devices."""
+  """Builds the ('data', 'fsdp', 'tensor') mesh (see `mesh_shape`).
+
+  Devices keep jax.devices() order (grouped by process), so each process's devices
+  hold a contiguous run of batch rows, matching BatchIterator's per-process slices;
+  'tensor' is the fastest-varying axis (neighbouring devices, e.g. one NVLink node).
+  """
   devices = list(devices if devices is not None else jax.devices())
-  n = len(devices)
-  fsdp = int(mesh_config.fsdp)
-  data = int(mesh_config.data)
-  if data == -1:
-    if n % fsdp:
-      raise ConfigError(f'config.mesh.fsdp={fsdp} does not divide the {n} devices; '
-                        'choose a divisor of the device count.')
-    data = n // fsdp
-  if data * fsdp != n:
-    raise ConfigError(f'config.mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but '
-                      f'{n} are available; set config.mesh.data=-1 to use them all.')
-  return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
+  shape = mesh_shape(mesh_config, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def activation_mesh(mesh: Mesh):
+  """Context under which models constrain activations along the batch
+  (models.layers.constrain_batch); used while tracing the train step."""
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

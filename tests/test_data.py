@@ -42,7 +42,7 @@ def test_default_config_has_every_key():
       'seed': 0, 'image_size': 0, 'path': '', 'expected_shape': (),
       'labels_from_subdirs': False, 'channels': 3, 'tfds_name': 'cifar10',
       'data_dir': '', 'download': False, 'image_key': 'image',
-      'label_key': 'label', 'use_labels': False, 'prefetch': 2,
+      'label_key': 'label', 'use_labels': False, 'prefetch': 2, 'latents': False,
   }
   assert config.to_dict() == expected
 

@@ -209,8 +209,8 @@ def test_attention_jvp_matches_finite_differences():
 
 def test_attention_unknown_impl():
   q, k, v = _qkv()
-  with pytest.raises(ConfigError, match="'flash'.*xla"):
-    layers.attention(q, k, v, impl='flash')
+  with pytest.raises(ConfigError, match="'pallas'.*flash.*xla"):
+    layers.attention(q, k, v, impl='pallas')
 
 
 def test_self_attention_qk_norm_is_scale_invariant():
@@ -399,7 +399,7 @@ def test_build_model_unknown_key():
 
 @pytest.mark.parametrize('field, value', [
     ('dtype', 'float16'), ('norm_mode', 'layer'), ('time_embed_kind', 'gauss'),
-    ('resample', 'bilinear'), ('attn_impl', 'flash')])
+    ('resample', 'bilinear'), ('attn_impl', 'pallas')])
 def test_build_model_bad_choices(field, value):
   with pytest.raises(ConfigError, match=f'{field}.*{value}'):
     build_model(_config('unet', **{field: value}))

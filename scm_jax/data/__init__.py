@@ -57,6 +57,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       # array: .npz ('x'|'images'|'image', optional 'label'|'labels') or .npy.
       'path': '',  # Also the image directory for 'folder'.
       'expected_shape': (),  # Optional per-example shape check.
+      'latents': False,  # Float arrays are VAE latents: any finite range is valid.
       # folder.
       'labels_from_subdirs': False,
       'channels': 3,  # 1 = grayscale.

@@ -20,7 +20,7 @@ import numpy as np
 from scm_jax.data.base import ArraySource, format_split_path
 from scm_jax.errors import DataError
 
-X_KEYS = ('x', 'images', 'image')
+X_KEYS = ('x', 'images', 'image', 'latents')
 LABEL_KEYS = ('label', 'labels')
 RANGE_TOLERANCE = 1e-3
 _CHUNK = 4096  # Rows per validation pass, to bound memory on huge arrays.
@@ -36,7 +36,11 @@ def _load_file(path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     raise DataError(f'Array file {path} must end in .npz or .npy.')
   try:
     if ext == '.npy':
-      return np.load(path, mmap_mode='r', allow_pickle=False), None
+      # Labels of a memory-mapped .npy (e.g. large latent sets) live beside it.
+      labels_path = path[:-4] + '.labels.npy'
+      labels = (np.load(labels_path, allow_pickle=False)
+                if os.path.isfile(labels_path) else None)
+      return np.load(path, mmap_mode='r', allow_pickle=False), labels
     with np.load(path, allow_pickle=False) as npz:
       x_key = next((k for k in X_KEYS if k in npz.files), None)
       if x_key is None:
@@ -75,15 +79,16 @@ def _check_layout(x: np.ndarray, path: str) -> np.ndarray:
   return x
 
 
-def _check_values(x: np.ndarray, path: str) -> np.ndarray:
-  """Validates dtype and values; returns uint8 or float32 data."""
+def _check_values(x: np.ndarray, path: str, latents: bool = False) -> np.ndarray:
+  """Validates dtype and values; returns uint8 or float32 data. With `latents`,
+  float 'images' are VAE latents and may take any finite value."""
   if x.dtype == np.uint8:
     return x
   if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or
                                  np.issubdtype(x.dtype, np.floating)):
     raise DataError(f'Array file {path}: data has dtype {x.dtype}; expected '
                     f'uint8 or float.')
-  is_image = x.ndim == 4
+  is_image = x.ndim == 4 and not latents
   lo, hi = np.inf, -np.inf
   for start in range(0, len(x), _CHUNK):
     chunk = np.asarray(x[start:start + _CHUNK])
@@ -118,7 +123,8 @@ def _check_labels(labels: np.ndarray, n: int, path: str) -> np.ndarray:
 
 
 def load_array_source(path: str, *, image_size: int = 0,
-                      expected_shape: Tuple[int, ...] = ()) -> ArraySource:
+                      expected_shape: Tuple[int, ...] = (),
+                      latents: bool = False) -> ArraySource:
   """Loads and validates an array file; see the module docstring.
 
   Args:
@@ -127,9 +133,13 @@ def load_array_source(path: str, *, image_size: int = 0,
     image_size: if > 0, center-crop and resize images to this size.
     expected_shape: if non-empty, the per-example shape (after resizing) the
       config expects; a mismatch is a DataError.
+    latents: the arrays are VAE latents (float, any range; see encode_latents).
   """
   x, labels = _load_file(path)
-  x = _check_values(_check_layout(x, path), path)
+  if latents and x.dtype == np.uint8:
+    raise DataError(f'Array file {path} holds uint8 images but data.latents=True; '
+                    'encode them with `python -m scm_jax.encode_latents` first.')
+  x = _check_values(_check_layout(x, path), path, latents)
   if labels is not None:
     labels = _check_labels(labels, len(x), path)
   num_classes = int(labels.max()) + 1 if labels is not None else 0
@@ -147,4 +157,5 @@ def from_config(config, split: str) -> ArraySource:
     raise DataError("data.name='array' needs data.path (a .npz or .npy file).")
   return load_array_source(format_split_path(config.path, split),
                            image_size=config.image_size,
-                           expected_shape=tuple(config.expected_shape))
+                           expected_shape=tuple(config.expected_shape),
+                           latents=bool(config.get('latents', False)))

@@ -1,7 +1,7 @@
 """Model registry: config -> flax.linen.Module.
 
 Every model maps (x / sigma_d [B, ...], TrigFlow time t [B], labels [B] or None)
-to (F [B, ...] float32, logvar [B] float32); see `MLP` and `UNet`.
+to (F [B, ...] float32, logvar [B] float32); see `MLP`, `UNet` and `DiT`.
 """
 
 import dataclasses
@@ -12,10 +12,11 @@ import flax.linen as nn
 import ml_collections
 
 from scm_jax.errors import ConfigError
+from scm_jax.models.dit import DiT
 from scm_jax.models.mlp import MLP
 from scm_jax.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {'mlp': MLP, 'unet': UNet}
+MODELS: dict[str, type[nn.Module]] = {'mlp': MLP, 'unet': UNet, 'dit': DiT}
 
 
 def _model_class(name: str) -> type[nn.Module]:
@@ -66,5 +67,5 @@ def default_model_config(name: str) -> ml_collections.ConfigDict:
   return config
 
 
-__all__ = ['MODELS', 'MLP', 'UNet', 'build_model', 'default_model_config',
+__all__ = ['MODELS', 'DiT', 'MLP', 'UNet', 'build_model', 'default_model_config',
            'model_fields']

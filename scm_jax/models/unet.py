@@ -120,6 +120,8 @@ class UNet(nn.Module):
     dtype: compute dtype of convs/denses, 'float32' or 'bfloat16'.
     attn_impl: attention implementation (see layers.attention).
     out_channels: output channels; 0 means the input's.
+    remat: rematerialization policy of every ResBlock and attention block (see
+      layers.REMAT_POLICIES); trades compute for activation memory at scale.
   """
   channels: int = 64
   channel_mult: tuple[int, ...] = (1, 2)
@@ -140,6 +142,7 @@ class UNet(nn.Module):
   dtype: str = 'float32'
   attn_impl: str = 'xla'
   out_channels: int = 0
+  remat: str = 'none'
 
   def __post_init__(self):
     # Fail at build time, not at the first trace.
@@ -150,6 +153,7 @@ class UNet(nn.Module):
     layers.check_choice('resample', self.resample, RESAMPLE_KINDS)
     layers.check_choice('attn_impl', self.attn_impl,
                         tuple(layers.ATTENTION_IMPLS))
+    layers.check_choice('remat', self.remat, tuple(layers.REMAT_POLICIES))
     if not self.channel_mult or min(self.channel_mult) <= 0:
       raise ConfigError(
           f'model.channel_mult must be a non-empty tuple of positive ints, got '
@@ -183,15 +187,18 @@ class UNet(nn.Module):
         self.time_embed_kind, self.fourier_scale, freq_dim=self.channels,
         num_classes=self.num_classes, name='cond')(t, labels)
 
+    res_cls = layers.maybe_remat(ResBlock, self.remat, static_argnums=(3,))
+    attn_cls = layers.maybe_remat(AttnBlock, self.remat)
+
     def res_block(h, mult, name):
-      return ResBlock(self.channels * mult, self.norm_mode, self.dropout, dtype,
+      return res_cls(self.channels * mult, self.norm_mode, self.dropout, dtype,
                       name=name)(h, emb, train)
 
     def maybe_attn(h, name):
       if h.shape[1] not in self.attn_resolutions:
         return h
-      return AttnBlock(self.num_heads, self.head_dim, self.qk_norm, dtype,
-                       self.attn_impl, name=name)(h)
+      return attn_cls(self.num_heads, self.head_dim, self.qk_norm, dtype,
+                      self.attn_impl, name=name)(h)
 
     last = len(self.channel_mult) - 1
     h = _conv(self.channels, dtype, 'conv_in')(x.astype(dtype))

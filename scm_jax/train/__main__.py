@@ -19,10 +19,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  from scm_jax import distributed
   from scm_jax.train import loop  # after flag parsing: a bad flag fails fast
   from scm_jax.train import preemption
+  config = cli.config_value(_CONFIG)
+  # Multi-host: join the job before any JAX backend is used (no-op on one process).
+  distributed.initialize(config.get('distributed'))
   try:
-    loop.train_and_evaluate(cli.config_value(_CONFIG), _WORKDIR.value)
+    loop.train_and_evaluate(config, _WORKDIR.value)
   except preemption.Preempted as e:  # checkpoint saved: exit 128 + signal, no traceback
     print(f'[scm_jax] {e}', file=sys.stderr, flush=True)
     sys.exit(e.exit_code)

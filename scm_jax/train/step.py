@@ -80,8 +80,14 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
 
 
 def jit_train_step(train_step: Callable, state_shardings, mesh) -> Callable:
-  """jit with explicit shardings; the old state is donated (updated in place)."""
-  return jax.jit(train_step,
+  """jit with explicit shardings; the old state is donated (updated in place).
+
+  Traced under the mesh so that models can constrain activations along the batch.
+  """
+  def step_under_mesh(state, batch):
+    with sharding_lib.activation_mesh(mesh):
+      return train_step(state, batch)
+  return jax.jit(step_under_mesh,
                  in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
                  donate_argnums=0)

@@ -1,0 +1,120 @@
+"""Multi-process start-up: `jax.distributed.initialize` from the config or the environment.
+
+One JAX process runs per host (TPU pods, one process per GPU node) or per GPU (SLURM
+one task per GPU). Every process runs the same program; after initialization
+jax.devices() lists the devices of all processes, the mesh spans them, each process
+loads only its slice of every global batch (data.BatchIterator), only process 0
+writes logs and sample grids, and Orbax checkpoints are written collectively.
+
+config.distributed.mode:
+  'none'      single process (the default on a workstation).
+  'auto'      'explicit' if SCM_JAX_COORDINATOR is set, else 'slurm' inside a SLURM
+              step with more than one task, else 'tpu' on a multi-worker TPU VM,
+              else 'none'.
+  'explicit'  coordinator / num_processes / process_id from the config, or from
+              SCM_JAX_COORDINATOR, SCM_JAX_NUM_PROCESSES, SCM_JAX_PROCESS_ID.
+  'slurm'     JAX's SLURM detection (SLURM_PROCID, SLURM_NTASKS, first node of the
+              step as coordinator). JAX then gives each task ONE local GPU
+              (SLURM_LOCALID); for one task per node list the GPUs in
+              distributed.local_device_ids (launch/slurm.sh does).
+  'tpu'       JAX's Cloud TPU detection (run the same command on all workers).
+Must run before anything touches a JAX backend (the train CLI does it first).
+"""
+
+import os
+from typing import Mapping, Optional
+
+import jax
+import ml_collections
+
+from scm_jax.errors import ConfigError
+
+MODES = ('none', 'auto', 'explicit', 'slurm', 'tpu')
+ENV_COORDINATOR = 'SCM_JAX_COORDINATOR'
+ENV_NUM_PROCESSES = 'SCM_JAX_NUM_PROCESSES'
+ENV_PROCESS_ID = 'SCM_JAX_PROCESS_ID'
+ENV_LOCAL_DEVICE_IDS = 'SCM_JAX_LOCAL_DEVICE_IDS'
+
+
+def default_distributed_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      'mode': 'auto',
+      'coordinator_address': '',   # host:port of process 0 (explicit mode)
+      'num_processes': 0,          # 0 = from the environment
+      'process_id': -1,            # -1 = from the environment
+      'local_device_ids': '',      # e.g. '0,1,2,3'; '' = JAX's default
+      'cpu_collectives': 'gloo',   # CPU multi-process collectives ('' = JAX default)
+      'timeout_s': 300,            # wait for all processes to join
+  })
+
+
+def detect_mode(env: Mapping[str, str]) -> str:
+  """The mode 'auto' resolves to in environment `env`."""
+  if env.get(ENV_COORDINATOR):
+    return 'explicit'
+  if 'SLURM_JOB_ID' in env and 'SLURM_STEP_NODELIST' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
+    return 'slurm'
+  if len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1:
+    return 'tpu'
+  return 'none'
+
+
+def _int_list(value: str, field: str) -> Optional[list[int]]:
+  if not value:
+    return None
+  try:
+    return [int(v) for v in str(value).split(',') if v.strip()]
+  except ValueError:
+    raise ConfigError(f'{field}={value!r} must be a comma-separated list of device ids, '
+                      'e.g. 0,1,2,3.') from None
+
+
+def initialize_kwargs(cfg: ml_collections.ConfigDict,
+                      env: Mapping[str, str]) -> Optional[dict]:
+  """Arguments for jax.distributed.initialize, or None for a single process (pure)."""
+  mode = cfg.mode
+  if mode not in MODES:
+    raise ConfigError(f'config.distributed.mode={mode!r} is unknown; choose one of {MODES}.')
+  if mode == 'auto':
+    mode = detect_mode(env)
+  if mode == 'none':
+    return None
+  kwargs = {'initialization_timeout': int(cfg.timeout_s)}
+  local = cfg.local_device_ids or env.get(ENV_LOCAL_DEVICE_IDS, '')
+  if local:
+    kwargs['local_device_ids'] = _int_list(local, 'config.distributed.local_device_ids')
+  if mode in ('slurm', 'tpu'):
+    # JAX reads the cluster environment itself; explicit values still win.
+    kwargs['cluster_detection_method'] = {'slurm': 'slurm', 'tpu': None}[mode]
+    if kwargs['cluster_detection_method'] is None:
+      del kwargs['cluster_detection_method']
+    return kwargs
+  address = cfg.coordinator_address or env.get(ENV_COORDINATOR, '')
+  num = int(cfg.num_processes or env.get(ENV_NUM_PROCESSES, 0))
+  pid = int(cfg.process_id if cfg.process_id >= 0 else env.get(ENV_PROCESS_ID, -1))
+  missing = [name for name, bad in (('coordinator_address', not address),
+                                    ('num_processes', num <= 0),
+                                    ('process_id', pid < 0)) if bad]
+  if missing:
+    raise ConfigError(
+        f'config.distributed.mode=explicit needs {", ".join(missing)}: set '
+        f'--config.distributed.<field> or the environment variables {ENV_COORDINATOR}, '
+        f'{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}.')
+  if pid >= num:
+    raise ConfigError(f'config.distributed.process_id={pid} must be < num_processes={num}.')
+  kwargs.update(coordinator_address=address, num_processes=num, process_id=pid)
+  return kwargs
+
+
+def initialize(cfg: Optional[ml_collections.ConfigDict],
+               env: Optional[Mapping[str, str]] = None) -> bool:
+  """Joins the multi-process job described by `cfg`/`env`; True if one was joined."""
+  cfg = cfg if cfg is not None else default_distributed_config()
+  kwargs = initialize_kwargs(cfg, os.environ if env is None else env)
+  if kwargs is None:
+    return False
+  if cfg.cpu_collectives:
+    # Without it, CPU processes cannot run cross-process collectives (tests, CPU pods).
+    jax.config.update('jax_cpu_collectives_implementation', cfg.cpu_collectives)
+  jax.distributed.initialize(**kwargs)
+  return True
