@@ -43,8 +43,7 @@ class Extractor:
     self.name = name
     self.prepare = prepare or (lambda x: x)
     if mesh is None:
-      mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
-                               sharding_lib.MESH_AXES)
+      mesh = sharding_lib.make_mesh({'data': 1}, jax.devices()[:1])
     if batch_size < 1:
       raise ConfigError(f'feature batch size must be >= 1, got {batch_size}.')
     self.batch_size = -(-batch_size // mesh.size) * mesh.size  # whole rows per device
