@@ -102,8 +102,13 @@ class Checkpointer:
                             f'metadata ({e}); it is corrupted or truncated.') from e
 
   def saved_shapes(self, step: int) -> dict[str, tuple]:
-    md = self.manager.item_metadata(step)['state']
-    return flat_shapes(getattr(md, 'tree', md))
+    """Shapes recorded in the step's 'state' item (reads metadata only, no arrays)."""
+    with ocp.StandardCheckpointer() as reader:
+      md = reader.metadata(os.path.join(self.directory, str(step), 'state')).item_metadata
+    shapes = flat_shapes(getattr(md, 'tree', md))
+    if not shapes:
+      raise CheckpointError(f'checkpoint step {step} in {self.directory} records no arrays.')
+    return shapes
 
   def check_compatible(self, step: int, abstract_state) -> None:
     """Raises CheckpointError listing every parameter/state shape that differs."""
