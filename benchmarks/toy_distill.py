@@ -49,7 +49,7 @@ def main():
   p.add_argument('--batch', type=int, default=512)
   p.add_argument('--num', type=int, default=5000)
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--ema', default='ema_0.999')
+  p.add_argument('--ema', default='pema_0.05', help='EMA used for every model')
   p.add_argument('--out', default='benchmarks/results/toy_distill.json')
   args = p.parse_args()
 
@@ -59,8 +59,10 @@ def main():
   floor = energy_distance(build_source(tc.data, 'train').get(np.arange(args.num))['x'], ref)
   rows, key = [], jax.random.PRNGKey(args.seed + 1)
 
-  def add(name, nfe, x, secs):
+  def add(name, nfe, x, secs, x_raw=None):
     rows.append(dict(model=name, nfe=nfe, energy_distance=energy_distance(x, ref),
+                     raw_params_energy_distance=(
+                         None if x_raw is None else energy_distance(x_raw, ref)),
                      train_seconds=secs))
     print(f'{name:28s} NFE {nfe:3d}  energy distance {rows[-1]["energy_distance"]:.5f}',
           flush=True)
@@ -68,31 +70,38 @@ def main():
   teacher = Experiment(tc)
   t_state, t_secs = _train(teacher, args.teacher_steps)
   for solver, steps in (('euler', 1), ('euler', 2), ('heun', 50)):
-    x = teacher.sample(t_state, args.num, steps, key=key, method='ode', solver=solver)
+    x = teacher.sample(t_state, args.num, steps, key=key, method='ode', solver=solver,
+                       ema=args.ema)
     add(f'teacher {solver} {steps} steps', 2 * steps - 1 if solver == 'heun' else steps,
         x, t_secs)
 
   sc = _small(toy2d_scd.get_config(), args)
   sc.train.num_steps = args.student_steps
-  t_params = t_state.ema[args.ema]
+  t_params = t_state.ema[args.ema] if args.ema != 'params' else t_state.params
   dxdt = teachers.make_dxdt_fn(teachers.from_flax_model(teacher.model), t_params,
                                sc.trigflow.sigma_d)
   scd = Experiment(sc, dxdt_fn=dxdt, init_params=t_params)
   s_state, s_secs = _train(scd, args.student_steps)
   for steps in (1, 2):
-    add(f'sCD {steps}-step', steps, scd.sample(s_state, args.num, steps, key=key), s_secs)
+    add(f'sCD {steps}-step', steps, scd.sample(s_state, args.num, steps, key=key, ema=args.ema),
+        s_secs, scd.sample(s_state, args.num, steps, key=key, ema='params'))
 
-  cc = _small(toy2d_sct.get_config(), args)
+  cc = _small(toy2d_scd._power_ema(toy2d_sct.get_config()), args)  # same EMAs as sCD
   cc.train.num_steps = args.student_steps
   sct = Experiment(cc)
   c_state, c_secs = _train(sct, args.student_steps)
   for steps in (1, 2):
-    add(f'sCT {steps}-step', steps, sct.sample(c_state, args.num, steps, key=key), c_secs)
+    add(f'sCT {steps}-step', steps, sct.sample(c_state, args.num, steps, key=key, ema=args.ema),
+        c_secs, sct.sample(c_state, args.num, steps, key=key, ema='params'))
 
   print(f'\ndata vs data (noise floor): {floor:.5f}')
-  print('| model | NFE | energy distance | train s |\n| --- | --- | --- | --- |')
+  print(f'| model | NFE | energy distance ({args.ema}) | raw params | train s |\n'
+        '| --- | --- | --- | --- | --- |')
   for r in rows:
-    print(f'| {r["model"]} | {r["nfe"]} | {r["energy_distance"]:.5f} | {r["train_seconds"]:.0f} |')
+    raw = r['raw_params_energy_distance']
+    raw = '' if raw is None else f'{raw:.5f}'
+    print(f'| {r["model"]} | {r["nfe"]} | {r["energy_distance"]:.5f} | {raw} | '
+          f'{r["train_seconds"]:.0f} |')
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(dict(settings=vars(args), data_floor=floor, rows=rows,

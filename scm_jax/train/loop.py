@@ -103,9 +103,13 @@ class Experiment:
 
   def init_state(self, seed: Optional[int] = None) -> state_lib.TrainState:
     seed = self.config.seed if seed is None else seed
-    # Given params (e.g. a teacher's) are an argument, not constants of the program.
+    # Given params (e.g. a teacher's, on its own mesh) are placed like the state's and
+    # passed as an argument, not baked into the program as constants.
+    params = self._init_params
+    if params is not None:
+      params = jax.device_put(params, self.state_shardings.params)
     init = jax.jit(self._init, out_shardings=self.state_shardings)
-    return init(jax.random.PRNGKey(seed), self._init_params)
+    return init(jax.random.PRNGKey(seed), params)
 
   def iterator(self, start_step: int = 0, prefetch: Optional[int] = None):
     return data_lib.BatchIterator(
