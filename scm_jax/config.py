@@ -60,6 +60,13 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.ema.decays = (0.999,)              # classic EMA, named ema_<decay>
   c.ema.sigma_rels = ()                # EDM2 power-function EMA, named pema_<sigma_rel>
 
+  c.teacher = ml_collections.ConfigDict()  # sCD (loss.kind='scd'), see train/teacher.py
+  c.teacher.workdir = ''               # a TrigFlow diffusion workdir of this project
+  c.teacher.ema = ''                   # its weights: '' = first EMA, 'params' or an EMA name
+  c.teacher.step = -1                  # its checkpoint step; -1 = newest
+  c.teacher.guidance = 1.0             # classifier-free guidance scale of the teacher
+  c.teacher.init_student = True        # student starts from the teacher's weights (paper)
+
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 10000
   c.train.batch_size = 128             # global batch, split over processes and devices
@@ -125,6 +132,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(0 < d < 1, f'config.ema.decays entries must be in (0, 1), got {d}.')
   for s in c.ema.sigma_rels:
     _check(0 < s < 0.3, f'config.ema.sigma_rels entries must be in (0, 0.3), got {s}.')
+  if 'teacher' in c:  # absent from configs saved before sCD existed
+    _check(c.teacher.guidance >= 0, 'config.teacher.guidance must be >= 0 (1 = no guidance).')
   _check(c.train.num_steps > 0, 'config.train.num_steps must be > 0.')
   _check(c.train.batch_size > 0, 'config.train.batch_size must be > 0.')
   for k in ('log_every', 'ckpt_every'):

@@ -7,6 +7,7 @@ Faults: preemption.py (SIGTERM/SIGINT -> checkpoint, exit), nonfinite.py (NaN st
 from scm_jax.train.loop import Experiment, load_experiment, train_and_evaluate
 from scm_jax.train.state import TrainState, create_train_state, pick_params
 from scm_jax.train.step import make_train_step
+from scm_jax.train.teacher import load_teacher
 
 __all__ = ['Experiment', 'TrainState', 'create_train_state', 'load_experiment',
-           'make_train_step', 'pick_params', 'train_and_evaluate']
+           'load_teacher', 'make_train_step', 'pick_params', 'train_and_evaluate']

@@ -30,6 +30,7 @@ from scm_jax import data as data_lib
 from scm_jax import models as models_lib
 from scm_jax import sampling
 from scm_jax import sharding as sharding_lib
+from scm_jax import teachers
 from scm_jax import visualize
 from scm_jax import writers
 from scm_jax.errors import ConfigError
@@ -37,6 +38,7 @@ from scm_jax.train import nonfinite
 from scm_jax.train import preemption
 from scm_jax.train import state as state_lib
 from scm_jax.train import step as step_lib
+from scm_jax.train import teacher as teacher_lib
 
 CONSISTENCY_KINDS = ('sct', 'scd')
 # Config fields a run must resume with (what the parameters and the data stream mean);
@@ -70,13 +72,19 @@ class Experiment:
     self._init_params = init_params
     self.dxdt_fn = dxdt_fn
 
-    abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0), init_params)
     self.state_shardings = sharding_lib.tree_shardings(abstract, self.mesh, config.sharding)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, self.state_shardings)
     self.train_step = step_lib.make_train_step(config, self.model, self.tx, dxdt_fn)
-    self.jit_step = step_lib.jit_train_step(self.train_step, self.state_shardings, self.mesh)
+    # A teacher with weights (teachers.make_dxdt_fn) is a jit argument, placed like params.
+    self._teacher, teacher_shardings = (), None
+    if teachers.has_params(dxdt_fn):
+      teacher_shardings = sharding_lib.tree_shardings(dxdt_fn, self.mesh, config.sharding)
+      self._teacher = (jax.device_put(dxdt_fn, teacher_shardings),)
+    self.jit_step = step_lib.jit_train_step(self.train_step, self.state_shardings, self.mesh,
+                                            teacher_shardings)
     self._samplers = {}
 
   @property
@@ -96,15 +104,19 @@ class Experiment:
       raise ConfigError(f'model {self.config.model.name!r} cannot take data of shape '
                         f'{self.data_shape} from {self.source.name!r}: {e}') from e
 
-  def _init(self, key):
-    params = self._init_params
+  def _init(self, key, params=None):
     return state_lib.create_train_state(self.config, self.model, self.data_shape, key,
                                         self.tx, params)
 
   def init_state(self, seed: Optional[int] = None) -> state_lib.TrainState:
     seed = self.config.seed if seed is None else seed
+    # Given params (e.g. a teacher's, on its own mesh) are placed like the state's and
+    # passed as an argument, not baked into the program as constants.
+    params = self._init_params
+    if params is not None:
+      params = jax.device_put(params, self.state_shardings.params)
     init = jax.jit(self._init, out_shardings=self.state_shardings)
-    return init(jax.random.PRNGKey(seed))
+    return init(jax.random.PRNGKey(seed), params)
 
   def iterator(self, start_step: int = 0, prefetch: Optional[int] = None):
     return data_lib.BatchIterator(
@@ -115,7 +127,7 @@ class Experiment:
 
   def step(self, state, batch):
     """One training step on a host-local numpy batch."""
-    return self.jit_step(state, sharding_lib.put_batch(batch, self.mesh))
+    return self.jit_step(state, sharding_lib.put_batch(batch, self.mesh), *self._teacher)
 
   def train(self, state, num_steps: int, iterator=None, callback: Callable = None):
     """Runs num_steps steps; returns (state, list of per-step host metrics)."""
@@ -141,18 +153,10 @@ class Experiment:
     Classifier-free guidance in F-space: F_null + w (F_cond - F_null), linear like the
     velocity it parameterises.
     """
-    model = self.model
-    cond = self.num_classes > 0 and labels is not None
-
-    def F(x, t):
-      if not cond:
-        return model.apply({'params': params}, x, t, None)[0]
-      F_c = model.apply({'params': params}, x, t, labels)[0]
-      if guidance == 1.0:
-        return F_c
-      F_u = model.apply({'params': params}, x, t, jnp.full_like(labels, self.num_classes))[0]
-      return F_u + guidance * (F_c - F_u)
-    return F
+    F_apply = teachers.from_flax_model(self.model)
+    if self.num_classes > 0 and labels is not None:
+      F_apply = teachers.guided(F_apply, guidance, self.num_classes)
+    return lambda x, t: F_apply(params, x, t, labels)
 
   def _sampler(self, num: int, method: str, steps: int, guidance: float, solver: str):
     cache_key = (num, method, steps, guidance, solver)
@@ -180,7 +184,7 @@ class Experiment:
     steps of `solver` (default sample.ode_solver)."""
     c = self.config
     if isinstance(state_or_params, state_lib.TrainState):
-      params = state_lib.pick_params(state_or_params, c.sample.ema if ema is None else ema)
+      params = state_lib.pick_params(state_or_params, c.sample.ema if ema is None else ema, c)
     else:
       params = state_or_params
     method = method or ('consistency' if self.is_consistency_model else 'ode')
@@ -305,9 +309,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dxdt_fn=None, init_params=None, source=None) -> state_lib.TrainState:
   """Trains config in workdir, resuming from its newest checkpoint if there is one.
 
+  sCD: the teacher is `dxdt_fn`, or else loaded from config.teacher (train/teacher.py).
   SIGTERM/SIGINT save a checkpoint after the current step and raise
   preemption.Preempted; non-finite streaks stop or roll back (train/nonfinite.py).
   """
+  dxdt_fn, init_params = teacher_lib.resolve_teacher(config, dxdt_fn, init_params)
   exp = Experiment(config, dxdt_fn=dxdt_fn, init_params=init_params, source=source)
   c = exp.config
   is_main = jax.process_index() == 0
@@ -383,14 +389,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return state
 
 
-def load_experiment(workdir: str, overrides: Optional[dict] = None, step: Optional[int] = None):
-  """(Experiment, TrainState) from a trained workdir, using the config saved in it."""
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (its config.json)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise ckpt_lib.CheckpointError(f'{workdir} has no config.json: is it a training workdir? '
                                    'Pass the --workdir used for training.')
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_experiment(workdir: str, overrides: Optional[dict] = None, step: Optional[int] = None):
+  """(Experiment, TrainState) from a trained workdir, using the config saved in it."""
+  config = load_config(workdir)
   for k, v in (overrides or {}).items():
     _set_path(config, k, v)
   exp = Experiment(config)

@@ -129,13 +129,15 @@ def create_train_state(c: ml_collections.ConfigDict, model, data_shape, key,
                     nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
-def pick_params(state: TrainState, which: str = ''):
-  """Parameters for sampling: 'params' = raw weights, '' = the first EMA in config order
-  (raw weights if the run keeps none), anything else an EMA name."""
+def pick_params(state: TrainState, which: str = '', config=None):
+  """Parameters for sampling: 'params' = raw weights, '' = the first EMA (raw weights if
+  the run keeps none), anything else an EMA name. "First" is in config order
+  (config.ema.decays, then sigma_rels) when `config` is given, else state_ema_order."""
   if which == 'params' or (not which and not state.ema):
     return state.params
   if not which:
-    return state.ema[state_ema_order(state)[0]]
+    names = [n for n in config_lib.ema_names(config) if n in state.ema] if config else []
+    return state.ema[(names or state_ema_order(state))[0]]
   if which not in state.ema:
     raise ConfigError(f'no EMA named {which!r}; this run keeps {state_ema_order(state)} '
                       "(or use 'params' for the raw weights).")

@@ -46,11 +46,17 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
   so sharded and unsharded runs and resumed runs draw the same numbers. A step with a
   non-finite loss or gradient leaves params, EMA and optimizer state untouched and is
   counted in the state (the loop stops on a long streak).
+
+  The sCD teacher drift may also be passed per call (`teacher`, e.g. a
+  `teachers.make_dxdt_fn` Partial): then its weights are arguments of the jitted step
+  rather than constants baked into the compiled program.
   """
-  loss_fn = losses.make_loss_fn(c.loss, model_apply_fn(model), c.trigflow.sigma_d, dxdt_fn)
+  apply_fn = model_apply_fn(model)
   num_classes = getattr(model, 'num_classes', 0)
 
-  def train_step(state: state_lib.TrainState, batch: dict):
+  def train_step(state: state_lib.TrainState, batch: dict, teacher=None):
+    loss_fn = losses.make_loss_fn(c.loss, apply_fn, c.trigflow.sigma_d,
+                                  dxdt_fn if teacher is None else teacher)
     key = jax.random.fold_in(state.rng, state.step)
     k_loss, k_label = jax.random.split(key)
     batch = dict(batch)
@@ -79,15 +85,19 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
   return train_step
 
 
-def jit_train_step(train_step: Callable, state_shardings, mesh) -> Callable:
+def jit_train_step(train_step: Callable, state_shardings, mesh,
+                   teacher_shardings=None) -> Callable:
   """jit with explicit shardings; the old state is donated (updated in place).
 
   Traced under the mesh so that models can constrain activations along the batch.
+  With teacher_shardings the step takes the teacher drift as a third argument.
   """
-  def step_under_mesh(state, batch):
+  def step_under_mesh(*args):
     with sharding_lib.activation_mesh(mesh):
-      return train_step(state, batch)
-  return jax.jit(step_under_mesh,
-                 in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+      return train_step(*args)
+  in_shardings = (state_shardings, sharding_lib.batch_sharding(mesh))
+  if teacher_shardings is not None:
+    in_shardings += (teacher_shardings,)
+  return jax.jit(step_under_mesh, in_shardings=in_shardings,
                  out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
                  donate_argnums=0)

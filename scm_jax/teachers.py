@@ -1,0 +1,183 @@
+"""Teachers for consistency distillation (sCD): any diffusion model as a TrigFlow F.
+
+sCD (Lu & Song 2024, Sec. 4) replaces the data velocity of sCT by the teacher's PF-ODE
+drift dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t). Everything here works on pure
+functions in the params-first form of Flax's `apply`:
+
+    F_apply(params, x_scaled, t, labels) -> F        (x_scaled = x_t / sigma_d, t [B])
+
+Wrappers turn an EDM denoiser, a VP epsilon-prediction model or a flow-matching velocity
+model into that form through its data prediction x0_hat at the point with the same
+signal-to-noise ratio (Sec. 3; conversions in `trigflow`). `guided` adds classifier-free
+guidance in F-space, and `make_dxdt_fn` binds the parameters into the drift the loss
+takes, as a `jax.tree_util.Partial`: the teacher's parameters stay pytree leaves, so a
+jitted train step receives them as arguments instead of baking them in as constants.
+"""
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from scm_jax import trigflow
+
+# F_apply(params, x_scaled, t, labels) -> F.
+FApply = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
+
+EDM_SIGMA_MAX = 80.0  # EDM's largest training noise level (Karras et al. 2022).
+
+
+def _conversion_time(t, sigma_d, sigma_max):
+  """t capped at arctan(sigma_max / sigma_d), the largest noise a teacher was trained on.
+
+  At t = pi/2 the other parameterizations are singular (sigma = inf; in float32
+  tan(pi/2) is even negative), while the PF-ODE starts there; beyond sigma_max the
+  teacher's data prediction is the data mean anyway, so holding it fixed is exact to
+  the teacher's own accuracy. None disables the cap.
+  """
+  t = jnp.asarray(t, jnp.float32)
+  if sigma_max is None:
+    return t
+  return jnp.minimum(t, trigflow.t_from_sigma(jnp.float32(sigma_max), sigma_d))
+
+
+def _F_from_x0_predictor(x0_fn, sigma_d, sigma_max):
+  """F_apply from x0_fn(params, x_t, t, labels) -> x0_hat, evaluated at the capped time."""
+  def F_apply(params, x_scaled, t, labels=None):
+    x_t = sigma_d * x_scaled
+    tc = _conversion_time(t, sigma_d, sigma_max)
+    return trigflow.F_from_x0(x_t, x0_fn(params, x_t, tc, labels), tc, sigma_d)
+  return F_apply
+
+
+def from_flax_model(model) -> FApply:
+  """A TrigFlow model of this project (MLP/U-Net): F = model(x_scaled, t, labels)[0].
+
+  Evaluation mode (no dropout). Unconditional models get labels=None.
+  """
+  conditional = getattr(model, 'num_classes', 0) > 0
+
+  def F_apply(params, x_scaled, t, labels=None):
+    return model.apply({'params': params}, x_scaled, t,
+                       labels if conditional else None)[0]
+  return F_apply
+
+
+def from_edm_denoiser(denoise_fn: Callable, sigma_d: float,
+                      sigma_max: Optional[float] = EDM_SIGMA_MAX) -> FApply:
+  """EDM denoiser denoise_fn(params, x_sigma, sigma, labels) -> x0_hat as a TrigFlow F.
+
+  x_sigma = x0 + sigma n with n ~ N(0, I); the matching TrigFlow point has
+  sigma = sigma_d tan t and x_sigma = x_t / cos t (SCM_NOTES: Conversions). `sigma` is
+  passed with shape [B]; include EDM's preconditioning inside denoise_fn.
+  """
+  def x0_fn(params, x_t, t, labels):
+    x_sigma, sigma = trigflow.edm_inputs(x_t, t, sigma_d)
+    return denoise_fn(params, x_sigma, sigma, labels)
+  return _F_from_x0_predictor(x0_fn, sigma_d, sigma_max)
+
+
+def from_vp_eps(eps_fn: Callable, sigma_d: float,
+                sigma_max: Optional[float] = EDM_SIGMA_MAX) -> FApply:
+  """VP epsilon prediction eps_fn(params, x_vp, alpha, s, labels) -> eps_hat as a TrigFlow F.
+
+  x_vp = alpha x0 + s eps with alpha^2 + s^2 = 1 (DDPM / VP-SDE); alpha and s have
+  shape [B]. Map them to the model's own time inside eps_fn, e.g. with
+  `vp_linear_time(alpha)` (continuous VP-SDE) or `ddpm_timestep(alpha, alphas_cumprod)`.
+  """
+  def x0_fn(params, x_t, t, labels):
+    x_vp, alpha, s = trigflow.vp_inputs(x_t, t, sigma_d)
+    eps_hat = eps_fn(params, x_vp, alpha, s, labels)
+    return (x_vp - trigflow.expand_t(s, x_t) * eps_hat) / trigflow.expand_t(alpha, x_t)
+  return _F_from_x0_predictor(x0_fn, sigma_d, sigma_max)
+
+
+def from_flow_matching(velocity_fn: Callable, sigma_d: float, data_at_one: bool = False,
+                       sigma_max: Optional[float] = EDM_SIGMA_MAX) -> FApply:
+  """Flow-matching velocity velocity_fn(params, x_s, s, labels) -> u_hat as a TrigFlow F.
+
+  Default convention (rectified flow): x_s = (1 - s) x0 + s eps, s = 1 is noise,
+  u = d x_s / ds = eps - x0. With data_at_one=True the model's time runs the other way:
+  x_tau = tau x0 + (1 - tau) eps, u = x0 - eps (e.g. flow matching as in Lipman et al.);
+  it is called at tau = 1 - s and its output negated.
+  """
+  def x0_fn(params, x_t, t, labels):
+    x_s, s = trigflow.fm_inputs(x_t, t, sigma_d)
+    if data_at_one:
+      u_hat = -velocity_fn(params, x_s, 1.0 - s, labels)
+    else:
+      u_hat = velocity_fn(params, x_s, s, labels)
+    return x_s - trigflow.expand_t(s, x_t) * u_hat
+  return _F_from_x0_predictor(x0_fn, sigma_d, sigma_max)
+
+
+# ----------------------------------------------------------- VP time helpers
+
+def vp_linear_time(alpha, beta_min: float = 0.1, beta_max: float = 20.0):
+  """Continuous VP-SDE time tau in [0, 1] with signal scale alpha (Song et al. 2021).
+
+  log alpha(tau) = -tau^2 (beta_max - beta_min) / 4 - tau beta_min / 2; solved for tau.
+  """
+  a, b = (beta_max - beta_min) / 4.0, beta_min / 2.0
+  c = jnp.log(alpha)
+  return (-b + jnp.sqrt(b * b - 4.0 * a * c)) / (2.0 * a)
+
+
+def ddpm_timestep(alpha, alphas_cumprod):
+  """Fractional DDPM timestep whose alpha_bar equals alpha^2, by interpolation in log-SNR.
+
+  alphas_cumprod: the model's decreasing table of alpha_bar_i (i = 0..T-1). Values
+  outside the table are clamped to its ends.
+  """
+  abar = jnp.asarray(alphas_cumprod, jnp.float32)
+  log_snr_table = jnp.log(abar) - jnp.log1p(-abar)        # decreasing in i
+  log_snr = 2.0 * jnp.log(alpha) - jnp.log1p(-jnp.square(alpha))
+  idx = jnp.arange(abar.shape[0], dtype=jnp.float32)
+  return jnp.interp(-log_snr, -log_snr_table, idx)         # interp needs increasing xp
+
+
+# ---------------------------------------------------------------- guidance
+
+def guided(F_apply: FApply, guidance: float, null_label: int) -> FApply:
+  """Classifier-free guidance in F-space: F_null + w (F_cond - F_null).
+
+  F is linear in the velocity, so this is the guided teacher velocity of sCD. One
+  forward pass on the doubled batch evaluates both terms; w = 1 is the conditional
+  model itself (one pass). Labels equal to `null_label` give F_null.
+  """
+  guidance = float(guidance)
+  if guidance == 1.0:
+    return F_apply
+
+  def F_guided(params, x_scaled, t, labels):
+    if labels is None:
+      raise ValueError('classifier-free guidance needs labels')
+    n = x_scaled.shape[0]
+    null = jnp.full_like(labels, null_label)
+    both = F_apply(params, jnp.concatenate([x_scaled, x_scaled]), jnp.concatenate([t, t]),
+                   jnp.concatenate([labels, null]))
+    F_c, F_u = both[:n], both[n:]
+    return F_u + guidance * (F_c - F_u)
+  return F_guided
+
+
+# ------------------------------------------------------------------- drift
+
+def _drift(F_apply, sigma_d, params, x_t, t, labels):
+  return trigflow.pf_ode_drift(F_apply(params, x_t / sigma_d, t, labels), sigma_d)
+
+
+def make_dxdt_fn(F_apply: FApply, params: Any, sigma_d: float) -> jax.tree_util.Partial:
+  """The sCD teacher drift dxdt(x_t, t, labels) = sigma_d F_teacher(x_t / sigma_d, t).
+
+  Returned as a `Partial` over `params` (pass None or () for parameter-free teachers
+  such as the analytic oracle): a pytree whose leaves are the teacher's weights.
+  """
+  return jax.tree_util.Partial(functools.partial(_drift, F_apply, sigma_d), params)
+
+
+def has_params(dxdt_fn) -> bool:
+  """True for a drift carrying array leaves (to be passed to jit as an argument)."""
+  return (isinstance(dxdt_fn, jax.tree_util.Partial)
+          and len(jax.tree_util.tree_leaves(dxdt_fn)) > 0)
