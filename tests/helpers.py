@@ -50,3 +50,20 @@ def tree_digest(path: str) -> dict:
       st = os.stat(full)
       out[os.path.relpath(full, path)] = (st.st_size, st.st_mtime_ns, digest)
   return out
+
+
+def assert_same_steps(sharded, single, num_steps: int):
+  """Runs num_steps identical batches through two Experiments (a sharded one and a
+  one-device one): same loss at every step and the same final state, to tolerance."""
+  import jax
+  import numpy as np
+  s_a, s_b = sharded.init_state(), single.init_state()
+  it = single.iterator(0, prefetch=0)
+  for _ in range(num_steps):
+    b = next(it)
+    s_a, m_a = sharded.step(s_a, b)
+    s_b, m_b = single.step(s_b, b)
+    np.testing.assert_allclose(m_a['loss'], m_b['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.device_get(s_a)), jax.tree.leaves(jax.device_get(s_b))):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  return m_a

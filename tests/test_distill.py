@@ -148,7 +148,8 @@ def test_sharded_scd_step_with_fsdp_teacher_equals_single_device(teacher_dir):
   """The teacher's weights are a jit argument placed by the sharding rules (here FSDP over
   8 CPU devices): same loss and updated state as on one device."""
   helpers.run_python(f'''
-      import jax, numpy as np
+      import jax
+      from tests import helpers
       from tests.test_distill import _student
       from scm_jax.train.loop import Experiment
       from scm_jax.train import teacher as teacher_lib
@@ -162,15 +163,7 @@ def test_sharded_scd_step_with_fsdp_teacher_equals_single_device(teacher_dir):
       e1 = Experiment(c1, dxdt_fn=dxdt, init_params=init, devices=jax.devices()[:1])
       teacher_specs = [x.sharding.spec for x in jax.tree.leaves(e8._teacher)]
       assert any('fsdp' in tuple(sp) for sp in teacher_specs), teacher_specs
-      s8, s1 = e8.init_state(), e1.init_state()
-      it = e1.iterator(0, prefetch=0)
-      for _ in range(2):
-        b = next(it)
-        s8, m8 = e8.step(s8, b)
-        s1, m1 = e1.step(s1, b)
-        np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
-      for a, b in zip(jax.tree.leaves(jax.device_get(s8)), jax.tree.leaves(jax.device_get(s1))):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+      helpers.assert_same_steps(e8, e1, 2)
   ''', devices=8)
 
 

@@ -30,7 +30,8 @@ def tiny_digits_config():
 def test_sharded_fsdp_step_equals_single_device():
   """data=4 x fsdp=2 on 8 CPU devices vs one device: same loss, same updated state."""
   helpers.run_python('''
-      import jax, numpy as np
+      import jax
+      from tests import helpers
       from tests.test_train import tiny_digits_config
       from scm_jax.train.loop import Experiment
       assert jax.device_count() == 8
@@ -41,17 +42,9 @@ def test_sharded_fsdp_step_equals_single_device():
       c1 = tiny_digits_config()
       c1.mesh.data, c1.mesh.fsdp = 1, 1
       e8, e1 = Experiment(c8), Experiment(c1, devices=jax.devices()[:1])
-      s8, s1 = e8.init_state(), e1.init_state()
       specs = [s.spec for s in jax.tree.leaves(e8.state_shardings)]
       assert any('fsdp' in tuple(sp) for sp in specs), 'nothing was sharded'
-      it = e1.iterator(0, prefetch=0)
-      for _ in range(3):
-        b = next(it)
-        s8, m8 = e8.step(s8, b)
-        s1, m1 = e1.step(s1, b)
-        np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
-      for a, b in zip(jax.tree.leaves(jax.device_get(s8)), jax.tree.leaves(jax.device_get(s1))):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+      m8 = helpers.assert_same_steps(e8, e1, 3)
       print('OK', float(m8['loss']))
   ''', devices=8)
 

@@ -98,7 +98,7 @@ class DiTBlock(nn.Module):
     return layers.constrain_batch(x + h)
 
 
-class DiT(nn.Module):
+class DiT(layers.SCMNetwork):
   """sCM network on a DiT backbone: F_theta(x/sigma_d, t) and w_phi(t).
 
   Attributes:
@@ -131,25 +131,13 @@ class DiT(nn.Module):
   head_dim: int = 0
   mlp_ratio: float = 4.0
   qk_norm: bool = True
-  dropout: float = 0.0
-  time_embed_dim: int = 0
-  time_embed_scale: float = 1.0
-  time_embed_kind: str = 'positional'
-  fourier_scale: float = 16.0
   freq_dim: int = 256
-  norm_mode: str = 'double'
-  num_classes: int = 0
-  logvar_channels: int = 128
-  dtype: str = 'float32'
   attn_impl: str = 'xla'
   attn_block_size: int = 0
   remat: str = 'none'
   out_channels: int = 0
 
   def __post_init__(self):
-    layers.resolve_dtype(self.dtype)
-    layers.check_choice('time_embed_kind', self.time_embed_kind, layers.TIME_EMBED_KINDS)
-    layers.check_choice('norm_mode', self.norm_mode, layers.NORM_MODES)
     layers.check_choice('attn_impl', self.attn_impl, tuple(layers.ATTENTION_IMPLS))
     layers.check_choice('remat', self.remat, tuple(layers.REMAT_POLICIES))
     for field in ('patch_size', 'hidden_size', 'depth'):

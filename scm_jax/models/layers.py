@@ -168,6 +168,37 @@ class LogVarHead(nn.Module):
     return out[:, 0]
 
 
+class SCMNetwork(nn.Module):
+  """Fields and checks shared by every sCM backbone (MLP, U-Net, DiT).
+
+  Each backbone maps (x / sigma_d, t, labels) to (F_theta, logvar) with the same
+  conditioning: a time embedding of c_noise(t) = time_embed_scale * t (Sec. 4.1), an
+  optional label embedding with a null class, the sCM adaptive double normalization,
+  and the adaptive-weight head w_phi(t) (Sec. 4.3). Subclasses add their own fields
+  and may override the defaults below.
+  """
+  time_embed_dim: int = 0
+  time_embed_scale: float = 1.0
+  time_embed_kind: str = 'positional'
+  fourier_scale: float = 16.0
+  norm_mode: str = 'double'
+  dropout: float = 0.0
+  num_classes: int = 0
+  logvar_channels: int = 128
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    # Fail at build time, not at the first trace.
+    resolve_dtype(self.dtype)
+    check_choice('time_embed_kind', self.time_embed_kind, TIME_EMBED_KINDS)
+    check_choice('norm_mode', self.norm_mode, NORM_MODES)
+    if self.num_classes < 0 or self.time_embed_dim < 0 or self.logvar_channels <= 0:
+      raise ConfigError('model.num_classes and model.time_embed_dim must be >= 0 and '
+                        f'model.logvar_channels > 0, got {self.num_classes}, '
+                        f'{self.time_embed_dim}, {self.logvar_channels}.')
+    super().__post_init__()
+
+
 # ------------------------------------------------------------------ normalization
 
 

@@ -27,7 +27,7 @@ class ResidualBlock(nn.Module):
     return x + h
 
 
-class MLP(nn.Module):
+class MLP(layers.SCMNetwork):
   """sCM network for vectors: F_theta(x/sigma_d, t) and the log-weight w_phi(t).
 
   Input Dense -> `depth` residual blocks modulated by the time(+label) embedding
@@ -51,26 +51,14 @@ class MLP(nn.Module):
   depth: int = 4
   time_embed_dim: int = 128
   time_embed_scale: float = 10.0
-  time_embed_kind: str = 'positional'
-  fourier_scale: float = 16.0
-  norm_mode: str = 'double'
-  dropout: float = 0.0
-  num_classes: int = 0
-  logvar_channels: int = 128
-  dtype: str = 'float32'
 
   def __post_init__(self):
-    # Fail at build time, not at the first trace.
-    layers.resolve_dtype(self.dtype)
-    layers.check_choice('time_embed_kind', self.time_embed_kind,
-                        layers.TIME_EMBED_KINDS)
-    layers.check_choice('norm_mode', self.norm_mode, layers.NORM_MODES)
-    for field in ('width', 'time_embed_dim', 'logvar_channels'):
+    for field in ('width', 'time_embed_dim'):
       if getattr(self, field) <= 0:
         raise ConfigError(f'model.{field} must be positive, got '
                           f'{getattr(self, field)}.')
-    if self.depth < 0 or self.num_classes < 0:
-      raise ConfigError('model.depth and model.num_classes must be >= 0.')
+    if self.depth < 0:
+      raise ConfigError(f'model.depth must be >= 0, got {self.depth}.')
     super().__post_init__()
 
   @nn.compact

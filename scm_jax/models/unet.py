@@ -88,7 +88,7 @@ class Upsample(nn.Module):
     return _conv(x.shape[-1], self.dtype, 'conv')(x)
 
 
-class UNet(nn.Module):
+class UNet(layers.SCMNetwork):
   """sCM network for images: F_theta(x/sigma_d, t) and the log-weight w_phi(t).
 
   Levels i = 0..len(channel_mult)-1 work at resolution H / 2^i with
@@ -130,26 +130,12 @@ class UNet(nn.Module):
   num_heads: int = 4
   head_dim: int = 0
   qk_norm: bool = False
-  dropout: float = 0.0
-  time_embed_dim: int = 0
-  time_embed_scale: float = 1.0
-  time_embed_kind: str = 'positional'
-  fourier_scale: float = 16.0
-  norm_mode: str = 'double'
-  num_classes: int = 0
-  logvar_channels: int = 128
   resample: str = 'avgpool'
-  dtype: str = 'float32'
   attn_impl: str = 'xla'
   out_channels: int = 0
   remat: str = 'none'
 
   def __post_init__(self):
-    # Fail at build time, not at the first trace.
-    layers.resolve_dtype(self.dtype)
-    layers.check_choice('time_embed_kind', self.time_embed_kind,
-                        layers.TIME_EMBED_KINDS)
-    layers.check_choice('norm_mode', self.norm_mode, layers.NORM_MODES)
     layers.check_choice('resample', self.resample, RESAMPLE_KINDS)
     layers.check_choice('attn_impl', self.attn_impl,
                         tuple(layers.ATTENTION_IMPLS))
