@@ -54,28 +54,25 @@ def test_bad_config_values_name_the_field():
   config_lib.validate_config(c)
 
 
+def _train_on_array(tmp_path, name: str, x: np.ndarray, *overrides: str):
+  """Runs the digits recipe on `x` saved as <name>.npz (data.name='array')."""
+  path = tmp_path / f'{name}.npz'
+  np.savez(path, x=x)
+  return helpers.run_module('scm_jax.train', '--config=configs/digits_sct.py',
+                            f'--workdir={tmp_path / name}', '--config.data.name=array',
+                            f'--config.data.path={path}', *overrides, check=False)
+
+
 def test_wrong_image_shapes(tmp_path):
-  nchw = tmp_path / 'nchw.npz'
-  np.savez(nchw, x=np.zeros((20, 3, 16, 16), np.uint8))
-  p = helpers.run_module('scm_jax.train', '--config=configs/digits_sct.py',
-                         f'--workdir={tmp_path / "w1"}', '--config.data.name=array',
-                         f'--config.data.path={nchw}', check=False)
+  p = _train_on_array(tmp_path, 'nchw', np.zeros((20, 3, 16, 16), np.uint8))
   _assert_clean_error(p, 'nchw.npz', 'transpose')
   # 6x6 images cannot go through a U-Net that halves the resolution twice.
-  small = tmp_path / 'six.npz'
-  np.savez(small, x=np.zeros((20, 6, 6, 1), np.uint8))
-  p = helpers.run_module('scm_jax.train', '--config=configs/digits_sct.py',
-                         f'--workdir={tmp_path / "w2"}', '--config.data.name=array',
-                         f'--config.data.path={small}', '--config.model.channel_mult=(1,2,2)',
-                         check=False)
+  p = _train_on_array(tmp_path, 'six', np.zeros((20, 6, 6, 1), np.uint8),
+                      '--config.model.channel_mult=(1,2,2)')
   _assert_clean_error(p, '6')
   # The config expects 8x8x1 but the file holds 16x16x3.
-  wrong = tmp_path / 'wrong.npz'
-  np.savez(wrong, x=np.zeros((20, 16, 16, 3), np.uint8))
-  p = helpers.run_module('scm_jax.train', '--config=configs/digits_sct.py',
-                         f'--workdir={tmp_path / "w3"}', '--config.data.name=array',
-                         f'--config.data.path={wrong}', '--config.data.expected_shape=(8,8,1)',
-                         check=False)
+  p = _train_on_array(tmp_path, 'wrong', np.zeros((20, 16, 16, 3), np.uint8),
+                      '--config.data.expected_shape=(8,8,1)')
   _assert_clean_error(p, 'wrong.npz', '(8, 8, 1)')
 
 
