@@ -77,12 +77,10 @@ def training_summary(rows: Sequence[Mapping]) -> dict:
   for k in ('loss', 'mse', 'grad_norm', 'tangent_norm', 'weight'):
     if k in last:
       out[f'final_{k}'] = float(last[k])
-  mses = [float(r['mse']) for r in rows if 'mse' in r]
-  if mses:
-    out['max_mse'] = float(np.nanmax(mses)) if np.any(np.isfinite(mses)) else math.nan
-  grads = [float(r['grad_norm']) for r in rows if 'grad_norm' in r]
-  if grads:
-    out['max_grad_norm'] = float(np.nanmax(grads)) if np.any(np.isfinite(grads)) else math.nan
+  for k in ('mse', 'grad_norm'):
+    values = [float(r[k]) for r in rows if k in r]
+    if values:
+      out[f'max_{k}'] = float(np.nanmax(values)) if np.any(np.isfinite(values)) else math.nan
   out['skipped_steps'] = int(last.get('nonfinite_total', 0))
   out['nonfinite_loss_logs'] = int(sum(not math.isfinite(float(r.get('loss', 0.0)))
                                       for r in rows))
