@@ -2,9 +2,9 @@
 
 Runs the two training commands exactly as documented (wall time of each), then samples
 every class from the teacher (PF-ODE, Heun) and the student (1 and 2 steps) and scores
-them with a logistic-regression digit classifier fit on the training split (accuracy of
-the predicted class against the requested label) and the energy distance to the test
-split in pixel space. Prints a table and writes JSON.
+them with the project's digits classifier (scm_jax/evaluation/digits_classifier.py:
+accuracy of the predicted class against the requested label) and the energy distance to
+the test split in pixel space. Prints a table and writes JSON.
 
     PYTHONPATH=. python benchmarks/digits_two_stage.py --workdir=runs/digits_two_stage
 """
@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from scm_jax.data import build_source  # noqa: E402
+from scm_jax.evaluation import digits_classifier  # noqa: E402
 from scm_jax.evaluation.sample_metrics import energy_distance  # noqa: E402
 from scm_jax.train.loop import load_experiment  # noqa: E402
 
@@ -53,20 +54,18 @@ def main():
   secs_student, cpu_student = _run(['--config=configs/digits_scd.py', f'--workdir={student_dir}',
                                     f'--config.teacher.workdir={teacher_dir}', *extra])
 
-  from sklearn.linear_model import LogisticRegression
   t_exp, t_state = load_experiment(teacher_dir)
-  train = build_source(t_exp.config.data, 'train').get(np.arange(1497))
   test = build_source(t_exp.config.data, 'test').get(np.arange(300))
-  clf = LogisticRegression(max_iter=2000).fit(train['x'].reshape(len(train['x']), -1),
-                                              train['label'])
-  flat = lambda x: np.clip(x, -1, 1).reshape(len(x), -1)
-  rows = [dict(model='test data', nfe=0, accuracy=float(
-      clf.score(flat(test['x']), test['label'])), energy_distance=None)]
+  clf = digits_classifier.load_classifier()
+  clip = lambda x: np.clip(x, -1, 1)
+  flat = lambda x: clip(x).reshape(len(x), -1)
+  rows = [dict(model='test data', nfe=0, accuracy=digits_classifier.accuracy(
+      clf, test['x'], test['label']), energy_distance=None)]
   labels = np.arange(args.num) % 10
   key = jax.random.PRNGKey(0)
 
   def add(name, nfe, x):
-    rows.append(dict(model=name, nfe=nfe, accuracy=float(clf.score(flat(x), labels)),
+    rows.append(dict(model=name, nfe=nfe, accuracy=digits_classifier.accuracy(clf, clip(x), labels),
                      energy_distance=energy_distance(flat(x), flat(test['x']))))
 
   steps = t_exp.config.sample.ode_steps
