@@ -6,7 +6,7 @@ them with the project's digits classifier (scm_jax/evaluation/digits_classifier.
 accuracy of the predicted class against the requested label) and the energy distance to
 the test split in pixel space. Prints a table and writes JSON.
 
-    PYTHONPATH=. python benchmarks/digits_two_stage.py --workdir=runs/digits_two_stage
+    PYTHONPATH=. python -m benchmarks.digits_two_stage --workdir=runs/digits_two_stage
 """
 
 import argparse
@@ -20,21 +20,19 @@ import time
 import jax
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from scm_jax.data import build_source
+from scm_jax.evaluation import digits_classifier
+from scm_jax.evaluation.sample_metrics import energy_distance
+from scm_jax.train.experiment import load_experiment
 
-from scm_jax.data import build_source  # noqa: E402
-from scm_jax.evaluation import digits_classifier  # noqa: E402
-from scm_jax.evaluation.sample_metrics import energy_distance  # noqa: E402
-from scm_jax.train.loop import load_experiment  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args):
   """(wall seconds, CPU seconds) of one training command. On a shared machine the CPU
   time is the load-independent cost; wall time is what a user waits."""
   t0, r0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-  env = dict(os.environ, PYTHONPATH=REPO)
-  subprocess.run([sys.executable, '-m', 'scm_jax.train', *args], cwd=REPO, env=env, check=True)
+  subprocess.run([sys.executable, '-m', 'scm_jax.train', *args], cwd=REPO, check=True)
   r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
   return time.time() - t0, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 

@@ -1,13 +1,13 @@
 """DiT at scale: parameters, sCM train-step time / compiled memory / FLOPs, 2-step sampling.
 
   # CPU (what the closing note of issue 5 reports):
-  python benchmarks/dit_scale.py --sizes=S,B --resolution=32 --batch=8 \
+  python -m benchmarks.dit_scale --sizes=S,B --resolution=32 --batch=8 \
       --variants=xla/none,flash/full --out=benchmarks/dit_scale_cpu.json
   # One GPU, the 1.5B model in bf16 on 64x64x4 latents:
-  python benchmarks/dit_scale.py --sizes=XXL --resolution=64 --batch=32 --dtype=bfloat16 \
+  python -m benchmarks.dit_scale --sizes=XXL --resolution=64 --batch=32 --dtype=bfloat16 \
       --variants=flash/dots_no_batch --out=benchmarks/dit_scale_gpu.json
   # Anywhere, no allocation: FLOPs per step of the 1.5B model from the lowered program.
-  python benchmarks/dit_scale.py --sizes=XXL --resolution=64 --batch=1 --flops_only
+  python -m benchmarks.dit_scale --sizes=XXL --resolution=64 --batch=1 --flops_only
 
 Each row is one (size, attention impl / remat policy) on the same data: the real jitted,
 sharded train step of `Experiment` (sCT loss: one jvp pass + one gradient pass; sCD adds
@@ -22,19 +22,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from configs import imagenet512_scd  # noqa: E402
-from scm_jax import data as data_lib  # noqa: E402
-from scm_jax import sharding  # noqa: E402
-from scm_jax.train.loop import Experiment  # noqa: E402
+from configs import imagenet512_scd
+from scm_jax import data as data_lib
+from scm_jax.infra import sharding
+from scm_jax.train.experiment import Experiment
 
 # Dense peak TFLOP/s per device (datasheets; float32 matmuls run as TF32 on A100/H100).
 PEAK_TFLOPS = {'H100': {'bfloat16': 989, 'float32': 495},

@@ -1,6 +1,6 @@
 """Sampling cost: sCM 1-step / 2-step vs the teacher's N-step Heun PF-ODE (N = 18, 50).
 
-    python benchmarks/sampling.py [--config=configs/digits_sct.py] [--batch=256]
+    python -m benchmarks.sampling [--config=configs/digits_sct.py] [--batch=256]
         [--ode_steps=18,50] [--repeats=5] [--peak_flops=...] [--out=FILE.json]
 
 One network (the config's model, random weights: cost does not depend on their values)
@@ -12,16 +12,14 @@ samplers' own programs would under-count). Writes JSON
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits_sct.py'),
@@ -38,7 +36,7 @@ _OUT = flags.DEFINE_string('out', None, 'JSON output path.')
 def main(argv):
   del argv
   from scm_jax.evaluation import generate
-  from scm_jax.train.loop import Experiment
+  from scm_jax.train.experiment import Experiment
   config = _CONFIG.value
   config.data.prefetch = 0
   exp = Experiment(config)

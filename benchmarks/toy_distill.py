@@ -4,25 +4,23 @@ Same data (ring8, seed 0), same seed, same architecture and the same number of
 student steps for sCD and sCT. Quality: energy distance to held-out data (lower is
 better; data vs data gives the noise floor). Prints a table and writes JSON.
 
-    PYTHONPATH=. python benchmarks/toy_distill.py --out=benchmarks/results/toy_distill.json
+    PYTHONPATH=. python -m benchmarks.toy_distill --out=benchmarks/results/toy_distill.json
 """
 
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import toy2d_sct, toy2d_scd  # noqa: E402
-from scm_jax import teachers  # noqa: E402
-from scm_jax.data import build_source  # noqa: E402
-from scm_jax.evaluation.sample_metrics import energy_distance  # noqa: E402
-from scm_jax.train.loop import Experiment  # noqa: E402
+from configs import toy2d_sct, toy2d_scd
+from scm_jax.core import teachers
+from scm_jax.data import build_source
+from scm_jax.evaluation.sample_metrics import energy_distance
+from scm_jax.train.experiment import Experiment
 
 
 def _small(c, args):

@@ -1,6 +1,6 @@
 """sCT train step vs diffusion train step, and jvp-forward vs forward, on one model.
 
-    python benchmarks/train_step.py [--config=configs/digits_sct.py] [--config.model.channels=24]
+    python -m benchmarks.train_step [--config=configs/digits_sct.py] [--config.model.channels=24]
         [--batch=64] [--repeats=10] [--peak_flops=...] [--out=FILE.json]
 
 Both steps are the library's jitted, sharded `Experiment` steps (same params, same
@@ -10,16 +10,14 @@ table and writes JSON (default benchmarks/results/train_step_<device>.json).
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits_sct.py'),
@@ -32,7 +30,7 @@ _OUT = flags.DEFINE_string('out', None, 'JSON output path.')
 
 
 def _experiment(config, kind: str):
-  from scm_jax.train.loop import Experiment
+  from scm_jax.train.experiment import Experiment
   c = config.copy_and_resolve_references()
   c.loss.kind = kind
   c.train.progress_bar = False
@@ -49,7 +47,7 @@ def _row(name, timing, stats, batch, peak):
 
 def main(argv):
   del argv
-  from scm_jax import sharding as sharding_lib
+  from scm_jax.infra import sharding as sharding_lib
   config = _CONFIG.value
   if _BATCH.value:
     config.train.batch_size = _BATCH.value

@@ -7,10 +7,8 @@
 #
 # Env: NPROC (default 1), PORT (coordinator port, default: a free one), PYTHON. Extra
 # arguments go to `python -m scm_jax.train`. If one process fails, the others are
-# stopped and the script exits non-zero.
+# stopped and the script exits non-zero. Needs the package installed (`pip install -e .`).
 set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 NPROC="${NPROC:-1}"
 PYTHON="${PYTHON:-python}"
 

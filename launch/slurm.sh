@@ -10,8 +10,10 @@
 #   one process per node (sbatch --ntasks-per-node=1): each task uses all its GPUs.
 # The coordinator is process 0 on the first node of the job; every process gets
 # SCM_JAX_COORDINATOR / SCM_JAX_NUM_PROCESSES / SCM_JAX_PROCESS_ID (see
-# scm_jax/distributed.py). --workdir must be on a filesystem all nodes share
-# (checkpoints are written collectively). Run sbatch from the repository root, or set REPO.
+# scm_jax/infra/distributed.py). --workdir must be on a filesystem all nodes share
+# (checkpoints are written collectively). Every node needs the package installed
+# (`pip install -r requirements.txt -e .` in the environment PYTHON runs); run sbatch from
+# the repository root so that relative --config paths resolve.
 #SBATCH --job-name=scm_jax
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -20,8 +22,6 @@
 #SBATCH --time=48:00:00
 #SBATCH --output=slurm-%j.out
 set -euo pipefail
-REPO="${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
 HEAD="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 PORT="${PORT:-$((20000 + SLURM_JOB_ID % 20000))}"

@@ -84,6 +84,7 @@ def parse_set(items):
 
 def plan(sweep_path, base, root, extra):
   """Loads and checks every point; returns the manifest dict (nothing written)."""
+  from scm_jax import config as config_lib
   from scm_jax import sweep as sweep_lib
   points, default_base = sweep_lib.load_sweep(sweep_path)
   base = base or default_base
@@ -95,7 +96,8 @@ def plan(sweep_path, base, root, extra):
   entries = []
   for i, p in enumerate(points):
     overrides = {'train.progress_bar': False, **p, **extra}
-    sweep_lib.apply_overrides(recipe, overrides)  # a bad point fails before any job starts
+    # Validated once, here: a bad point fails before any job starts.
+    config_lib.validate_config(sweep_lib.point_config(recipe, overrides))
     name = sweep_lib.point_name(i, p, keys)
     entries.append({'name': name, 'overrides': overrides,
                     'workdir': os.path.join(root, name)})
@@ -105,7 +107,7 @@ def plan(sweep_path, base, root, extra):
 def write_manifest(manifest, root):
   """sweep.json + one point.json per workdir; refuses to mix two sweeps in one root
   (rerunning the identical sweep resumes it)."""
-  from scm_jax.checkpoint import atomic_write_text
+  from scm_jax.infra.files import atomic_write_text
   path = os.path.join(root, 'sweep.json')
   if os.path.exists(path):
     with open(path) as f:
@@ -161,8 +163,6 @@ def run_local(points, python, eval_num, parallel, dry_run, eval_ema=''):
   """Runs the points' jobs as subprocesses, `parallel` at a time; returns #failed."""
   queue = list(points)
   running, failed = {}, 0
-  env = dict(os.environ)
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   while queue or running:
     while queue and len(running) < max(1, parallel):
       p = queue.pop(0)
@@ -172,7 +172,7 @@ def run_local(points, python, eval_num, parallel, dry_run, eval_ema=''):
       if dry_run:
         continue
       log = open(os.path.join(p['workdir'], 'log.txt'), 'a')
-      running[p['name']] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+      running[p["name"]] = (subprocess.Popen(cmd, cwd=REPO, stdout=log,
                                              stderr=subprocess.STDOUT), log, p, time.time())
     for name, (proc, log, p, t0) in list(running.items()):
       if proc.poll() is None:
@@ -218,7 +218,7 @@ def sbatch_script(p, manifest_sweep, python, eval_num, opts, eval_ema=''):
 
 def run_slurm(points, manifest, root, python, eval_num, opts, dry_run, eval_ema=''):
   """Writes <root>/slurm/<name>.sbatch per point and submits them with sbatch."""
-  from scm_jax.checkpoint import atomic_write_text
+  from scm_jax.infra.files import atomic_write_text
   sbatch = shutil.which('sbatch')
   if not dry_run and sbatch is None:
     raise ConfigError('sbatch is not on PATH: this machine has no SLURM. Run on the '
@@ -248,46 +248,42 @@ def run_slurm(points, manifest, root, python, eval_num, opts, dry_run, eval_ema=
 def run_point(workdir, eval_num, eval_ema=''):
   """Trains one point (resuming), evaluates it, writes result.json. Divergence is a result."""
   from scm_jax import sweep as sweep_lib
-  from scm_jax.checkpoint import atomic_write_text
-  from scm_jax.errors import CheckpointError
-  from scm_jax.train import nonfinite
+  from scm_jax.evaluation import generate
   from scm_jax.evaluation import run_metrics
+  from scm_jax.infra import files
   from scm_jax.train import loop
+  from scm_jax.train import nonfinite
+  from scm_jax.train import workdir as workdir_lib
 
   with open(os.path.join(workdir, 'point.json')) as f:
     point = json.load(f)
-  config = sweep_lib.apply_overrides(
-      sweep_lib.load_recipe(os.path.join(REPO, point['base'])), point['overrides'])
+  config = sweep_lib.point_config(sweep_lib.load_recipe(os.path.join(REPO, point['base'])),
+                                  point['overrides'])
   t0 = time.time()
   stopped, error = False, ''
   try:
-    loop.train_and_evaluate(config, workdir)
+    run = loop.train_and_evaluate(config, workdir)
   except nonfinite.NonFiniteError as e:
-    # A streak of non-finite steps is a result of the ablation, not a user error.
-    stopped, error = True, str(e)
+    # A streak of non-finite steps is a result of the ablation, not a user error; the
+    # parameters are those from before the streak.
+    stopped, error, run = True, str(e), e.run
   train_seconds = time.time() - t0
 
-  rows = []
-  if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  metrics = run_metrics.training_summary(rows)
-  try:
-    exp, state = loop.load_experiment(workdir)
-    reference = run_metrics.held_out_reference(exp, eval_num)
-    metrics.update(run_metrics.sample_quality(exp, state, reference, eval_num,
-                                              tuple(config.sample.steps),
-                                              ema=eval_ema or None))
-    metrics['eval_ema'] = eval_ema or config.sample.ema or 'first EMA'
-    metrics['eval_step'] = int(state.step)
-  except CheckpointError as e:  # stopped before its first checkpoint
-    error = error or str(e)
+  metrics = run_metrics.training_summary(
+      files.read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE)))
+  exp = run.experiment
+  reference = generate.reference_data(config.data, config.data.eval_split, eval_num)
+  metrics.update(run_metrics.sample_quality(exp, run.state, reference, eval_num,
+                                            tuple(config.sample.steps),
+                                            ema=eval_ema or None))
+  metrics['eval_ema'] = eval_ema or config.sample.ema or 'first EMA'
+  metrics['eval_step'] = int(run.state.step)
   status, reason = run_metrics.classify(metrics, stopped)
   result = {'name': point['name'], 'status': status, 'reason': reason, 'error': error,
             'stopped': stopped,
             'train_seconds': train_seconds, 'metrics': metrics,
             'overrides': point['overrides']}
-  atomic_write_text(os.path.join(workdir, 'result.json'), json.dumps(result, indent=2))
+  files.atomic_write_text(os.path.join(workdir, 'result.json'), json.dumps(result, indent=2))
   print(f'[sweep] {point["name"]}: {status} {reason}', file=sys.stderr)
 
 

@@ -7,12 +7,12 @@
 #
 # Env: TPU_NAME, ZONE (required), PROJECT (optional), REMOTE_REPO (the checkout on the
 # workers, default ~/scm-jax), PYTHON (default python3). Every worker needs the repo and
-# `pip install -r requirements.txt "jax[tpu]"`; --workdir must be shared (a GCS bucket).
+# `pip install -r requirements.txt -e . "jax[tpu]"`; --workdir must be shared (a GCS bucket).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REMOTE_REPO="${REMOTE_REPO:-~/scm-jax}"
 PYTHON="${PYTHON:-python3}"
 ARGS="$(printf '%q ' "$@")"
-CMD="cd $REMOTE_REPO && PYTHONPATH=. $PYTHON -m scm_jax.train $ARGS --config.distributed.mode=tpu"
+CMD="cd $REMOTE_REPO && $PYTHON -m scm_jax.train $ARGS --config.distributed.mode=tpu"
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"} \
   --worker=all --command "$CMD"

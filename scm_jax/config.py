@@ -1,23 +1,24 @@
 """The one configuration system: an `ml_collections.ConfigDict` holding every knob.
 
 Recipe files in `configs/` start from `base_config()` and change what differs; every
-field can be overridden on the command line (`--config.loss.p_mean=-0.8`).
-`validate_config` turns bad values into a `ConfigError` that names the field and the fix.
+field can be overridden on the command line (`--config.loss.p_mean=-0.8`) or from
+Python (`apply_overrides`). `validate_config` turns bad values into a `ConfigError` that
+names the field and the fix; each rule it applies is owned by the module that
+implements the feature (choice lists, mesh sizes, EMA names, ...), imported from there.
 """
-
-import math
 
 import ml_collections
 
 from scm_jax import data as data_lib
-from scm_jax import distributed as distributed_lib
 from scm_jax import models as models_lib
-from scm_jax.models import vae as vae_lib
+from scm_jax.core import losses
+from scm_jax.core import sampling
 from scm_jax.errors import ConfigError
-
-LOSS_KINDS = ('sct', 'scd', 'diffusion')
-OPTIMIZERS = ('adam', 'adamw', 'radam')
-SCHEDULES = ('constant', 'cosine', 'inv_sqrt')
+from scm_jax.infra import distributed as distributed_lib
+from scm_jax.infra import sharding
+from scm_jax.models import vae as vae_lib
+from scm_jax.train import nonfinite
+from scm_jax.train import state as state_lib
 
 
 def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
@@ -111,27 +112,28 @@ def _check(cond, msg):
     raise ConfigError(msg)
 
 
+def _check_choice(field: str, value, choices) -> None:
+  _check(value in choices, f'config.{field}={value!r} is unknown; choose one of {choices}.')
+
+
 def validate_config(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first bad field and how to fix it."""
-  _check(c.loss.kind in LOSS_KINDS,
-         f'config.loss.kind={c.loss.kind!r} is unknown; choose one of {LOSS_KINDS}.')
+  """Raises ConfigError naming the first bad field and how to fix it.
+
+  Builds nothing: model fields are checked by name here and by value when the model
+  is built; data sources check their own fields when built.
+  """
+  _check_choice('loss.kind', c.loss.kind, losses.LOSS_KINDS)
   _check(c.trigflow.sigma_d > 0, f'config.trigflow.sigma_d must be > 0, got {c.trigflow.sigma_d}.')
   _check(c.loss.p_std > 0, f'config.loss.p_std must be > 0, got {c.loss.p_std}.')
   _check(c.loss.tangent_warmup_steps >= 0, 'config.loss.tangent_warmup_steps must be >= 0.')
   _check(c.loss.tangent_norm_c > 0, 'config.loss.tangent_norm_c must be > 0 (paper: 0.1).')
-  _check(c.loss.time_derivative in ('jvp', 'finite_difference'),
-         f'config.loss.time_derivative={c.loss.time_derivative!r}; use jvp|finite_difference.')
+  _check_choice('loss.time_derivative', c.loss.time_derivative, losses.TIME_DERIVATIVES)
   _check(0 <= c.loss.label_dropout < 1, 'config.loss.label_dropout must be in [0, 1).')
-  _check(c.optim.name in OPTIMIZERS,
-         f'config.optim.name={c.optim.name!r} is unknown; choose one of {OPTIMIZERS}.')
-  _check(c.optim.schedule in SCHEDULES,
-         f'config.optim.schedule={c.optim.schedule!r} is unknown; choose one of {SCHEDULES}.')
+  _check_choice('optim.name', c.optim.name, state_lib.OPTIMIZERS)
+  _check_choice('optim.schedule', c.optim.schedule, state_lib.SCHEDULES)
   _check(c.optim.lr > 0, f'config.optim.lr must be > 0, got {c.optim.lr}.')
   _check(c.optim.grad_clip >= 0, 'config.optim.grad_clip must be >= 0 (0 disables).')
-  for d in c.ema.decays:
-    _check(0 < d < 1, f'config.ema.decays entries must be in (0, 1), got {d}.')
-  for s in c.ema.sigma_rels:
-    _check(0 < s < 0.3, f'config.ema.sigma_rels entries must be in (0, 0.3), got {s}.')
+  state_lib.check_ema_config(c.ema)
   if 'teacher' in c:  # absent from configs saved before sCD existed
     _check(c.teacher.guidance >= 0, 'config.teacher.guidance must be >= 0 (1 = no guidance).')
   _check(c.train.num_steps > 0, 'config.train.num_steps must be > 0.')
@@ -141,24 +143,40 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check(c.train.sample_every >= 0, 'config.train.sample_every must be >= 0 (0 disables).')
   _check(c.train.keep_ckpts >= 1, 'config.train.keep_ckpts must be >= 1.')
   _check(c.train.max_nonfinite_streak >= 1, 'config.train.max_nonfinite_streak must be >= 1.')
-  action = c.train.get('nonfinite_action', 'stop')  # .get: config.json of older runs
-  _check(action in ('stop', 'rollback'),
-         f'config.train.nonfinite_action={action!r}; use stop|rollback.')
+  # .get: config.json of runs older than these fields.
+  _check_choice('train.nonfinite_action', c.train.get('nonfinite_action', 'stop'),
+                nonfinite.ACTIONS)
   _check(c.train.get('max_rollbacks', 0) >= 0, 'config.train.max_rollbacks must be >= 0.')
-  _check(0 < c.sample.t_mid < math.pi / 2,
-         f'config.sample.t_mid must be in (0, pi/2), got {c.sample.t_mid}.')
+  try:
+    sampling.consistency_times(2, c.sample.t_mid)
+  except ValueError:
+    raise ConfigError(f'config.sample.t_mid must be in (0, pi/2), got {c.sample.t_mid}.') from None
   _check(all(s >= 1 for s in c.sample.steps), 'config.sample.steps entries must be >= 1.')
-  _check(c.sample.ode_solver in ('euler', 'heun', 'ddim'),
-         f'config.sample.ode_solver={c.sample.ode_solver!r}; use euler|heun|ddim.')
-  _check(c.sharding.strategy in ('replicate', 'fsdp'),
-         f'config.sharding.strategy={c.sharding.strategy!r}; use replicate|fsdp.')
-  for axis in ('data', 'fsdp', 'tensor'):
-    _check(c.mesh.get(axis, 1) == -1 or c.mesh.get(axis, 1) >= 1,
-           f'config.mesh.{axis} must be -1 (all remaining devices) or >= 1.')
-  models_lib.build_model(c.model)  # raises ConfigError for unknown names/fields
+  _check_choice('sample.ode_solver', c.sample.ode_solver, sampling.ODE_SOLVERS)
+  _check_choice('sample.ode_schedule', c.sample.ode_schedule, sampling.ODE_SCHEDULES)
+  _check_choice('sharding.strategy', c.sharding.strategy, sharding.STRATEGIES)
+  sharding.check_mesh_config(c.mesh)
+  models_lib.check_model_config(c.model)
 
 
-def ema_names(c: ml_collections.ConfigDict) -> list[str]:
-  """Names of the EMA parameter copies kept in the TrainState."""
-  return ([f'ema_{d:g}' for d in c.ema.decays] +
-          [f'pema_{s:g}' for s in c.ema.sigma_rels])
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Sets {'section.field': value, ...} in `config` (in place) and returns it.
+
+  ml_collections' own update_from_flattened_dict does the work; the config is locked
+  meanwhile so that a misspelt field raises instead of being added. Values are
+  type-checked (and lists turned into tuples) by ml_collections.
+  """
+  was_locked = config.is_locked
+  config.lock()
+  try:
+    for field, value in dict(overrides).items():
+      try:
+        config.update_from_flattened_dict({field: value})
+      except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f'config override {field}={value!r} does not fit the config '
+                          f'({type(e).__name__}: {e}); field names are those of '
+                          'scm_jax/config.py.') from None
+  finally:
+    if not was_locked:
+      config.unlock()
+  return config

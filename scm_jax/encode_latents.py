@@ -40,6 +40,7 @@ def main(argv):
   from scm_jax import data as data_lib
   from scm_jax.errors import ConfigError
   from scm_jax.models import vae as vae_lib
+  from scm_jax.infra import files
 
   config = cli.config_value(_CONFIG)
   out = _OUT.value
@@ -62,30 +63,28 @@ def main(argv):
   n = min(len(source), _LIMIT.value or len(source))
   latent_shape = (source.shape[0] // f, source.shape[1] // f, vae.latent_channels)
   os.makedirs(os.path.dirname(os.path.abspath(out)) or '.', exist_ok=True)
-  tmp = out + '.partial' + os.path.splitext(out)[1]
-  if out.endswith('.npy'):
-    latents = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(n,) + latent_shape)
-  else:
-    latents = np.zeros((n,) + latent_shape, np.float32)
   labels = np.zeros((n,), np.int32)
   key = jax.random.PRNGKey(_SEED.value)
   bs = int(vae_config.batch_size)
-  for start in tqdm(range(0, n, bs), desc='encode', unit='batch'):
-    idx = np.arange(start, min(start + bs, n))
-    batch = source.get(idx)
-    latents[idx] = np.asarray(encode(params, batch['x'], jax.random.fold_in(key, start)))
-    labels[idx] = batch['label']
-  # Write to a temporary name and rename: an interrupted run leaves no half file at `out`.
-  if out.endswith('.npy'):
-    latents.flush()
-    del latents
-    np.save(out[:-4] + '.labels.npy', labels)
-    os.replace(tmp, out)
-    stats = np.load(out, mmap_mode='r')[:min(n, 1024)]
-  else:
-    np.savez(tmp, latents=latents, label=labels)
-    os.replace(tmp, out)
-    stats = latents
+  # Written under a temporary name and renamed: an interrupted run leaves no half file at `out`.
+  with files.atomic_path(out, os.path.splitext(out)[1]) as tmp:
+    if out.endswith('.npy'):
+      latents = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32,
+                                          shape=(n,) + latent_shape)
+    else:
+      latents = np.zeros((n,) + latent_shape, np.float32)
+    for start in tqdm(range(0, n, bs), desc='encode', unit='batch'):
+      idx = np.arange(start, min(start + bs, n))
+      batch = source.get(idx)
+      latents[idx] = np.asarray(encode(params, batch['x'], jax.random.fold_in(key, start)))
+      labels[idx] = batch['label']
+    stats = np.array(latents[:min(n, 1024)])
+    if out.endswith('.npy'):
+      latents.flush()
+      del latents
+      np.save(out[:-4] + '.labels.npy', labels)
+    else:
+      np.savez(tmp, latents=latents, label=labels)
   print(f'wrote {out}: {n} latents of shape {latent_shape} from {source.name}; '
         f'mean {float(np.mean(stats)):.3f}, std {float(np.std(stats)):.3f} '
         f'(sigma_d = {config.trigflow.sigma_d})')

@@ -49,16 +49,8 @@ _QUANTIZE = flags.DEFINE_bool('quantize', True, 'Round samples to 8 bits before 
 flags.mark_flags_as_required(['workdir'])
 
 
-def _reference(exp, split: str, num: int) -> np.ndarray:
-  from scm_jax import data as data_lib
-  source = data_lib.build_source(exp.config.data, split)
-  n = len(source) if num <= 0 else min(num, len(source))
-  idx = np.sort(np.random.default_rng(0).permutation(len(source))[:n])
-  return np.concatenate([source.get(idx[i:i + 1000])['x'] for i in range(0, n, 1000)])
-
-
 def _write_json(path: str, step: int, results: dict, settings: dict) -> dict:
-  from scm_jax.checkpoint import atomic_write_text
+  from scm_jax.infra.files import atomic_write_text
   old = {}
   if os.path.exists(path):
     with open(path) as f:
@@ -71,14 +63,14 @@ def _write_json(path: str, step: int, results: dict, settings: dict) -> dict:
 def main(argv):
   del argv
   from tqdm.auto import tqdm
-  from scm_jax import writers
+  from scm_jax.infra import writers
   from scm_jax.evaluation import evaluator as evaluator_lib
   from scm_jax.evaluation import fid as fid_lib
   from scm_jax.evaluation import generate
-  from scm_jax.train import loop
+  from scm_jax.train import experiment
   from scm_jax.train import state as state_lib
 
-  exp, state = loop.load_experiment(_WORKDIR.value, step=_CKPT_STEP.value)
+  exp, state = experiment.load_experiment(_WORKDIR.value, step=_CKPT_STEP.value)
   step = int(state.step)
   c = exp.config
   metrics = _METRICS.value
@@ -91,7 +83,8 @@ def main(argv):
   ref_stats = fid_lib.load_stats(_REF_STATS.value, 2048) if _REF_STATS.value else None
   ref_split = _REF_SPLIT.value or c.data.split
   needs_data = [m for m in metrics if not (m == 'fid' and ref_stats is not None)]
-  reference = _reference(exp, ref_split, _REF_NUM.value) if needs_data else None
+  reference = (generate.reference_data(c.data, ref_split, _REF_NUM.value)
+               if needs_data else None)
   eval_dir = os.path.join(_WORKDIR.value, 'eval')
   evaluator = evaluator_lib.Evaluator(
       metrics, reference, inception_weights=_INCEPTION.value, ref_stats=ref_stats,

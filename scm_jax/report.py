@@ -47,17 +47,14 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Rows of <workdir>/metrics.jsonl (a torn last line from a live run is skipped)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass
-  return rows
+  """Rows of <workdir>/metrics.jsonl (infra.files.read_jsonl: a torn last line from a
+  live run is skipped, a damaged file is an error naming it)."""
+  from scm_jax.errors import DataError
+  from scm_jax.infra import files
+  try:
+    return files.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  except ValueError as e:
+    raise DataError(str(e)) from None
 
 
 def _find_workdirs(root: str) -> list[tuple[str, str, dict]]:
@@ -157,7 +154,7 @@ def default_metric(columns: Sequence[str]) -> str:
 def plot(path: str, root: str, rows: Sequence[dict], metric: str) -> None:
   """Three panels: per-run mse and grad-norm curves, and `metric` per run (log x)."""
   from matplotlib import colormaps
-  from scm_jax import visualize
+  from scm_jax.infra import visualize
 
   runs = {name: workdir for name, workdir, _ in _find_workdirs(root)}
   colors = {'ok': 'C2', 'unstable': 'C1', 'failed': 'C4', 'diverged': 'C3', 'incomplete': '0.6'}

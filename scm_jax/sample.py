@@ -33,9 +33,9 @@ flags.mark_flags_as_required(['workdir'])
 
 def main(argv):
   del argv
-  from scm_jax import visualize
+  from scm_jax.infra import visualize
   from scm_jax.errors import ConfigError
-  from scm_jax.train import loop
+  from scm_jax.train import experiment
 
   overrides = {}
   if _T_MID.value is not None:
@@ -44,7 +44,7 @@ def main(argv):
     overrides['sample.ode_solver'] = _SOLVER.value
   if _VAE.value is not None:
     overrides['vae.path'] = _VAE.value
-  exp, state = loop.load_experiment(_WORKDIR.value, overrides, _CKPT_STEP.value)
+  exp, state = experiment.load_experiment(_WORKDIR.value, overrides, _CKPT_STEP.value)
   labels = None
   if _LABELS.value:
     if not exp.num_classes:

@@ -89,24 +89,10 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def apply_overrides(config: ml_collections.ConfigDict, point: Mapping[str, Any]):
-  """A copy of config with the point's overrides set; unknown fields raise ConfigError."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  for dotted, value in point.items():
-    *parents, leaf = dotted.split('.')
-    node = config
-    try:
-      for p in parents:
-        node = node[p]
-      if leaf not in node:
-        raise KeyError(leaf)
-      node[leaf] = value
-    except (KeyError, TypeError, AttributeError) as e:
-      raise ConfigError(f'sweep override {dotted}={value!r} does not fit the config '
-                        f'({type(e).__name__}: {e}); field names are those of '
-                        'scm_jax/config.py.') from None
-  config_lib.validate_config(config)
-  return config
+def point_config(recipe: ml_collections.ConfigDict, point: Mapping[str, Any]):
+  """A copy of the recipe with the point's overrides set (unknown fields raise
+  ConfigError); values are validated where the config is used (`validate_config`)."""
+  return config_lib.apply_overrides(ml_collections.ConfigDict(recipe.to_dict()), point)
 
 
 def varying_keys(points: Sequence[Point]) -> list[str]:

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from configs import toy2d_scd
-from scm_jax import teachers
+from scm_jax.core import teachers
 from scm_jax.config import validate_config
 from scm_jax.data import build_source, toy2d
 from scm_jax.errors import ConfigError
 from scm_jax.evaluation.sample_metrics import energy_distance
 from scm_jax.train import teacher as teacher_lib
-from scm_jax.train.loop import Experiment, load_experiment, train_and_evaluate
+from scm_jax.train.experiment import Experiment, load_experiment
+from scm_jax.train.loop import train_and_evaluate
 from tests import helpers
 
 TINY = dict(width=16, depth=1, time_embed_dim=16, logvar_channels=8)
@@ -59,7 +60,8 @@ def _student(teacher_dir, **teacher):
 def test_teacher_from_workdir_is_guided_drift_and_student_init(teacher_dir):
   t_exp, t_state = load_experiment(teacher_dir)
   c = _student(teacher_dir, guidance=2.5)
-  dxdt, init = teacher_lib.resolve_teacher(c)
+  teacher = Experiment(c).teacher
+  dxdt, init = teacher.dxdt_fn, teacher.init_params
   t_params = t_state.ema['pema_0.05']
   for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(t_params)):
     np.testing.assert_array_equal(a, b)
@@ -75,9 +77,9 @@ def test_teacher_from_workdir_is_guided_drift_and_student_init(teacher_dir):
 
   # Explicit arguments win over the config; other losses need no teacher.
   mine = teachers.make_dxdt_fn(lambda p, x, t, l: x, None, 0.5)
-  assert teacher_lib.resolve_teacher(c, mine, None) == (mine, None)
+  assert Experiment(c, dxdt_fn=mine).teacher == teacher_lib.Teacher(mine, None)
   c.loss.kind = 'sct'
-  assert teacher_lib.resolve_teacher(c) == (None, None)
+  assert Experiment(c).teacher == teacher_lib.Teacher()
 
 
 @pytest.mark.parametrize('change, message', [
@@ -91,7 +93,7 @@ def test_bad_teacher_setups_are_config_errors(teacher_dir, change, message):
   c = _student(teacher_dir)
   change(c)
   with pytest.raises(ConfigError, match=message):
-    teacher_lib.resolve_teacher(c)
+    Experiment(c).teacher
 
 
 def _copy_config(src, dst, **changes):
@@ -109,12 +111,12 @@ def _copy_config(src, dst, **changes):
 def test_non_diffusion_workdir_or_unconditional_guidance_is_refused(teacher_dir, tmp_path):
   sct = _copy_config(teacher_dir, str(tmp_path / 'sct'), **{'loss.kind': 'sct'})
   with pytest.raises(ConfigError, match="holds a loss.kind='sct' model"):
-    teacher_lib.resolve_teacher(_student(sct))
+    Experiment(_student(sct)).teacher
   uncond = _copy_config(teacher_dir, str(tmp_path / 'uncond'), **{'model.num_classes': 0})
   with pytest.raises(ConfigError, match='unconditional'):
-    teacher_lib.resolve_teacher(_student(uncond, guidance=2.0))
+    Experiment(_student(uncond, guidance=2.0)).teacher
   with pytest.raises(ConfigError, match='teacher.workdir.*no config.json'):
-    teacher_lib.resolve_teacher(_student(str(tmp_path)))
+    Experiment(_student(str(tmp_path))).teacher
 
 
 def test_two_stage_cli_distills_and_samples_by_label(teacher_dir, tmp_path):
@@ -151,17 +153,18 @@ def test_sharded_scd_step_with_fsdp_teacher_equals_single_device(teacher_dir):
       import jax
       from tests import helpers
       from tests.test_distill import _student
-      from scm_jax.train.loop import Experiment
+      from scm_jax.train.experiment import Experiment
       from scm_jax.train import teacher as teacher_lib
       c8 = _student({teacher_dir!r}, guidance=2.0)
       c8.sharding.strategy, c8.sharding.fsdp_min_size = 'fsdp', 16
       c8.mesh.data, c8.mesh.fsdp = 4, 2
       c1 = _student({teacher_dir!r}, guidance=2.0)
       c1.mesh.data, c1.mesh.fsdp = 1, 1
-      dxdt, init = teacher_lib.resolve_teacher(c8)
+      teacher = Experiment(c8).teacher
+      dxdt, init = teacher.dxdt_fn, teacher.init_params
       e8 = Experiment(c8, dxdt_fn=dxdt, init_params=init)
       e1 = Experiment(c1, dxdt_fn=dxdt, init_params=init, devices=jax.devices()[:1])
-      teacher_specs = [x.sharding.spec for x in jax.tree.leaves(e8._teacher)]
+      teacher_specs = [x.sharding.spec for x in jax.tree.leaves(e8._jit_step[1])]
       assert any('fsdp' in tuple(sp) for sp in teacher_specs), teacher_specs
       helpers.assert_same_steps(e8, e1, 2)
   ''', devices=8)

@@ -1,4 +1,4 @@
-"""Multi-host start-up (scm_jax/distributed.py) and a 2-process training run on localhost."""
+"""Multi-host start-up (scm_jax/infra/distributed.py) and a 2-process training run on localhost."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from scm_jax import distributed
+from scm_jax.infra import distributed
 from scm_jax.errors import ConfigError
 from tests import helpers
 
@@ -76,7 +76,7 @@ def test_two_processes_train_in_lockstep_like_one_process(tmp_path):
   assert p.returncode == 0, p.stdout + p.stderr
   helpers.run_module('scm_jax.train', f'--workdir={single}', *TRAIN_ARGS, devices=2)
 
-  from scm_jax.train.loop import load_experiment
+  from scm_jax.train.experiment import load_experiment
   (_, a), (_, b) = load_experiment(multi), load_experiment(single)
   assert int(a.step) == int(b.step) == 6
   for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):

@@ -12,7 +12,8 @@ import pytest
 from configs import toy2d_sct
 from scm_jax.errors import ConfigError
 from scm_jax.train import state as state_lib
-from scm_jax.train.loop import Experiment, load_experiment, train_and_evaluate
+from scm_jax.train.experiment import Experiment, load_experiment
+from scm_jax.train.loop import train_and_evaluate
 from tests import helpers
 
 
@@ -91,7 +92,7 @@ def test_ema_round_trip_through_checkpoint_and_sampling(tmp_path):
   c = tiny_toy_config()
   c.train.num_steps, c.train.ckpt_every = 8, 4
   workdir = str(tmp_path / 'run')
-  final = train_and_evaluate(c, workdir)
+  final = train_and_evaluate(c, workdir).state
   exp, restored = load_experiment(workdir)
   assert sorted(restored.ema) == ['ema_0.5', 'ema_0.9', 'pema_0.05', 'pema_0.2']
   for a, b in zip(jax.tree.leaves(jax.device_get(final)), jax.tree.leaves(jax.device_get(restored))):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from configs import toy2d_sct
-from scm_jax import losses
+from scm_jax.core import losses
 from scm_jax.data import build_source
 from scm_jax.evaluation.sample_metrics import energy_distance
-from scm_jax.train.loop import Experiment
+from scm_jax.train.experiment import Experiment
 
 # Energy distance to 2000 held-out points (data vs data is ~0.001). Measured here with
 # these settings at 800-1500 steps: correct sCT 0.0056-0.0085 (1- and 2-step, EMA);

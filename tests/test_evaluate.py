@@ -60,7 +60,7 @@ def test_sharded_sample_batches_equal_single_device():
   helpers.run_python('''
       import jax, numpy as np
       from configs import toy2d_sct
-      from scm_jax.train.loop import Experiment
+      from scm_jax.train.experiment import Experiment
       from scm_jax.evaluation import generate
       c = toy2d_sct.get_config()
       c.model.width, c.model.depth, c.train.batch_size = 32, 2, 16

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from scm_jax import analytic, losses, trigflow
+from scm_jax.core import analytic, losses, trigflow
 from scm_jax.models import build_model, default_model_config
 
 SD = 0.5

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scm_jax.errors import ConfigError
-from scm_jax.models import build_model, default_model_config, layers
+from scm_jax.models import attention, build_model, default_model_config, layers
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -192,7 +192,7 @@ def test_attention_matches_naive_reference():
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   expected = np.einsum('bhqk,bkhd->bqhd', probs, v64)
-  out = layers.attention(q, k, v)
+  out = attention.attention(q, k, v)
   assert out.shape == q.shape
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -200,22 +200,22 @@ def test_attention_matches_naive_reference():
 def test_attention_jvp_matches_finite_differences():
   q, k, v = _qkv()
   tq, tk, tv = _qkv(seed=1)
-  _, tangent = jax.jvp(layers.attention, (q, k, v), (tq, tk, tv))
+  _, tangent = jax.jvp(attention.attention, (q, k, v), (tq, tk, tv))
   h = 1e-3
-  fd = (layers.attention(q + h * tq, k + h * tk, v + h * tv)
-        - layers.attention(q - h * tq, k - h * tk, v - h * tv)) / (2 * h)
+  fd = (attention.attention(q + h * tq, k + h * tk, v + h * tv)
+        - attention.attention(q - h * tq, k - h * tk, v - h * tv)) / (2 * h)
   assert _rel_err(tangent, fd) < 1e-3
 
 
 def test_attention_unknown_impl():
   q, k, v = _qkv()
   with pytest.raises(ConfigError, match="'pallas'.*flash.*xla"):
-    layers.attention(q, k, v, impl='pallas')
+    attention.attention(q, k, v, impl='pallas')
 
 
 def test_self_attention_qk_norm_is_scale_invariant():
   """With qk_norm, scaling the q/k projections leaves the output unchanged."""
-  module = layers.SelfAttention(head_dim=4, qk_norm=True)
+  module = attention.SelfAttention(head_dim=4, qk_norm=True)
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
   params = _perturb(module.init(jax.random.key(1), x))
   assert params['params']['q_norm']['scale'].shape == (4,)  # 8 / head_dim
@@ -232,9 +232,9 @@ def test_self_attention_qk_norm_is_scale_invariant():
 def test_self_attention_bad_heads():
   x = jnp.zeros((1, 4, 6))
   with pytest.raises(ConfigError, match='num_heads=4'):
-    layers.SelfAttention(num_heads=4).init(jax.random.key(0), x)
+    attention.SelfAttention(num_heads=4).init(jax.random.key(0), x)
   with pytest.raises(ConfigError, match='head_dim=4'):
-    layers.SelfAttention(head_dim=4).init(jax.random.key(0), x)
+    attention.SelfAttention(head_dim=4).init(jax.random.key(0), x)
 
 
 # ------------------------------------------------------------------ dropout

@@ -57,7 +57,7 @@ def test_quickstart_notebook_trains_and_samples():
 
 def test_inspect_checkpoint_notebook_reads_a_workdir(tmp_path):
   from configs import toy2d_sct
-  from scm_jax.train import train_and_evaluate
+  from scm_jax.train.loop import train_and_evaluate
   c = toy2d_sct.get_config()
   c.model.width, c.model.depth, c.model.time_embed_dim, c.model.logvar_channels = 32, 2, 32, 16
   c.train.batch_size, c.train.num_steps, c.train.log_every = 64, 40, 10

@@ -19,13 +19,14 @@ from PIL import Image
 import pytest
 
 from configs import toy2d_sct
-from scm_jax import checkpoint as ckpt_lib
+from scm_jax.infra import checkpoint as ckpt_lib
 from scm_jax import data as data_lib
 from scm_jax.data.base import DataSource, batch_indices
 from scm_jax.errors import DataError
 from scm_jax.train import nonfinite
 from scm_jax.train import preemption
-from scm_jax.train.loop import Experiment, load_experiment, train_and_evaluate
+from scm_jax.train.experiment import Experiment, load_experiment
+from scm_jax.train.loop import train_and_evaluate
 from tests import helpers
 
 # A small MLP on the 2-D ring: ~300 steps/s here, so kills can land between steps.
@@ -294,7 +295,7 @@ def test_fingerprint_and_restore_do_not_depend_on_the_mesh(tmp_path):
   helpers.run_python(f'''
       import jax, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from scm_jax import checkpoint as ckpt_lib
+      from scm_jax.infra import checkpoint as ckpt_lib
       mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'fsdp'))
       x = np.random.default_rng(0).normal(size=(64, 48)).astype(np.float32)
       tree = {{'w': jax.device_put(x, NamedSharding(mesh, P('data', 'fsdp'))),
@@ -323,7 +324,7 @@ def test_incompatible_checkpoint_lists_mismatches_and_changes_nothing(tmp_path):
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as info:
     train_and_evaluate(wider, workdir)
   msg = str(info.value)
-  assert 'does not match the model' in msg and 'No checkpoint was changed' in msg
+  assert 'does not match this run' in msg and 'No checkpoint was changed' in msg
   assert 'params/block0/dense0/kernel: checkpoint (64, 64) vs model (48, 48)' in msg
   assert 'config.model.width: checkpoint 64 vs now 48' in msg
   assert 'config.model.time_embed_scale: checkpoint 10.0 vs now 1.0' in msg
@@ -334,8 +335,8 @@ def test_incompatible_checkpoint_lists_mismatches_and_changes_nothing(tmp_path):
   same_shapes = toy_config(**{'train.num_steps': 20, 'model.time_embed_scale': 1.0})
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as info:
     train_and_evaluate(same_shapes, workdir)
-  msg = str(info.value)  # same shapes: only the config differs
-  assert 'does not match the model' not in msg and 'was written with other values of' in msg
+  msg = str(info.value)  # same shapes: only the config differs, which may be overridden
+  assert 'vs model' not in msg and 'check_resume_config=False' in msg
   assert 'config.model.time_embed_scale: checkpoint 10.0 vs now 1.0' in msg
   assert helpers.tree_digest(workdir) == before  # nothing was written or moved
 
@@ -392,7 +393,7 @@ def test_nan_rollback_skips_bad_batches_and_resumes_exactly(tmp_path):
   # steps 8..11 (batches 16..19) fail -> back to 7 again, data from batch 20 (one bad).
   source = nan_source(c, range(12, 21))
   straight = str(tmp_path / 'straight')
-  state = jax.device_get(train_and_evaluate(c, straight, source=source))
+  state = jax.device_get(train_and_evaluate(c, straight, source=source).state)
   _, meta = _final_state(straight)
   assert meta['nonfinite_rollbacks'] == [
       {'failed_step': 16, 'restored_step': 7, 'data_step': 16},
@@ -416,7 +417,7 @@ def test_nan_rollback_skips_bad_batches_and_resumes_exactly(tmp_path):
   shutil.copytree(straight, resumed)
   for step in ('28', '30'):
     shutil.rmtree(os.path.join(resumed, 'checkpoints', step))
-  assert_states_equal(jax.device_get(train_and_evaluate(c, resumed, source=source)), state)
+  assert_states_equal(jax.device_get(train_and_evaluate(c, resumed, source=source).state), state)
 
 
 def test_rollbacks_that_do_not_help_stop_with_a_message(tmp_path):

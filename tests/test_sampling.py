@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax import analytic, sampling
+from scm_jax.core import analytic, sampling
 
 SD = 0.5
 G = analytic.GaussianData(mu=0.3, s=0.4, sigma_d=SD)

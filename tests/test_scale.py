@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax.models import build_model, default_model_config, dit, layers
+from scm_jax.models import attention, build_model, default_model_config, dit, layers
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -16,11 +16,11 @@ def _qkv(shape, seed=0, n=3):
 
 
 def _flash(block):
-  return lambda q, k, v: layers.attention(q, k, v, impl='flash', block_size=block)
+  return lambda q, k, v: attention.attention(q, k, v, impl='flash', block_size=block)
 
 
 def _xla(q, k, v):
-  return layers.attention(q, k, v, impl='xla')
+  return attention.attention(q, k, v, impl='xla')
 
 
 def _rel(a, b):
@@ -240,7 +240,7 @@ def test_imagenet512_param_counts_match_stated_size(size):
 
 def test_mesh_shape_from_config():
   import ml_collections
-  from scm_jax import sharding
+  from scm_jax.infra import sharding
   from scm_jax.errors import ConfigError
   mesh = lambda **kw: ml_collections.ConfigDict(dict(dict(data=1, fsdp=1, tensor=1), **kw))
   assert sharding.mesh_shape(mesh(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
@@ -261,9 +261,9 @@ def test_dit_fsdp_and_tensor_parallel_step_equals_single_device():
       jax.config.update('jax_disable_most_optimizations', True)
       from tests.test_train import tiny_digits_config
       from tests.test_scale import tiny_dit_config
-      from scm_jax import sharding
+      from scm_jax.infra import sharding
       from scm_jax.models import dit
-      from scm_jax.train.loop import Experiment
+      from scm_jax.train.experiment import Experiment
       def config():
         c = tiny_digits_config()
         c.model = tiny_dit_config(depth=1)

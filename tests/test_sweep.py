@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from scm_jax import sweep as sweep_lib
-from scm_jax import visualize
+from scm_jax.infra import visualize
 from scm_jax.errors import ConfigError
 from scm_jax.evaluation import run_metrics
 from tests import helpers
@@ -44,15 +44,20 @@ def test_grid_chain_fixed_and_names():
     sweep_lib.grid({'optim.lr': 1e-3})
 
 
-def test_apply_overrides_checks_fields_and_values():
+def test_point_config_checks_fields_and_plan_checks_values(tmp_path):
   base = sweep_lib.load_recipe('configs/toy2d_sct.py')
-  c = sweep_lib.apply_overrides(base, {'loss.tangent_norm': False, 'model.time_embed_scale': 1000})
+  c = sweep_lib.point_config(base, {'loss.tangent_norm': False, 'model.time_embed_scale': 1000})
   assert c.loss.tangent_norm is False and c.model.time_embed_scale == 1000.0
   assert base.loss.tangent_norm is True  # the recipe is not modified
   with pytest.raises(ConfigError, match='loss.tangent_nrom'):
-    sweep_lib.apply_overrides(base, {'loss.tangent_nrom': False})
-  with pytest.raises(ConfigError, match='loss.kind'):
-    sweep_lib.apply_overrides(base, {'loss.kind': 'sctt'})  # validate_config runs
+    sweep_lib.point_config(base, {'loss.tangent_nrom': False})
+  with pytest.raises(ConfigError, match='optim.lr'):
+    sweep_lib.point_config(base, {'optim.lr': 'fast'})  # type-checked by ml_collections
+  from launch import sweep as launch_sweep
+  sweep_file = tmp_path / 'bad.py'
+  sweep_file.write_text("def get_sweep():\n  return [{'loss.kind': 'sctt'}]\n")
+  with pytest.raises(ConfigError, match='loss.kind'):  # validate_config runs when planning
+    launch_sweep.plan(str(sweep_file), 'configs/toy2d_sct.py', str(tmp_path / 'root'), {})
 
 
 def test_only_selects_points_and_modules_import_without_flags():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import toy2d_scd
-from scm_jax import analytic, teachers, trigflow
+from scm_jax.core import analytic, teachers, trigflow
 from scm_jax.data import toy2d
-from scm_jax.train.loop import Experiment
+from scm_jax.train.experiment import Experiment
 
 SD = 0.5
 G = analytic.GaussianData(mu=0.3, s=0.4, sigma_d=SD)

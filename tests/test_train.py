@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import digits_sct, toy2d_sct
-from scm_jax.train.loop import Experiment, load_experiment, train_and_evaluate
+from scm_jax.train.experiment import Experiment, load_experiment
+from scm_jax.train.loop import train_and_evaluate
 from scm_jax.train import state as state_lib
 from tests import helpers
 
@@ -33,7 +34,7 @@ def test_sharded_fsdp_step_equals_single_device():
       import jax
       from tests import helpers
       from tests.test_train import tiny_digits_config
-      from scm_jax.train.loop import Experiment
+      from scm_jax.train.experiment import Experiment
       assert jax.device_count() == 8
       c8 = tiny_digits_config()
       c8.sharding.strategy = 'fsdp'
@@ -80,7 +81,7 @@ def test_digits_sct_short_schedule_and_sample_cli(tmp_path):
   c.train.num_steps = 30
   c.train.ckpt_every = 30
   c.train.sample_every = 30
-  state = train_and_evaluate(c, workdir)
+  state = train_and_evaluate(c, workdir).state
   assert int(state.step) == 30
   import json
   logs = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax import analytic, trigflow
+from scm_jax.core import analytic, trigflow
 
 SD = 0.5
 

@@ -125,7 +125,7 @@ class Evaluator:
     if space not in self._ref:
       path = self._cache_path(space)
       if path and os.path.exists(path):
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
           self._ref[space] = f['features']
       else:
         feats = self._features(space, self.reference)[0]

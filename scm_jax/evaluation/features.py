@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from scm_jax import sharding as sharding_lib
+from scm_jax.infra import sharding as sharding_lib
 from scm_jax.errors import ConfigError
 
 

@@ -9,11 +9,11 @@ with published FID. Statistics use the same conventions as pytorch-fid / clean-f
 `sigma`, so published reference statistics can be used directly.
 """
 
-import os
 
 import numpy as np
 
 from scm_jax.errors import DataError
+from scm_jax.infra import files
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
@@ -82,10 +82,7 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
   """Writes a reference-statistics .npz (`mu`, `sigma`, as pytorch-fid), atomically."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, mu=mu, sigma=sigma, **extra)
-  os.replace(tmp, path)
+  files.atomic_savez(path, mu=mu, sigma=sigma, **extra)
 
 
 def load_stats(path: str, dim: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,9 @@
-"""Drawing many samples in mesh-sharded batches, and naming samplers.
+"""The two sets an evaluation compares: model samples drawn in mesh-sharded batches,
+and reference examples of a data split.
 
-Batch b uses key fold_in(PRNGKey(seed), b), so a sample set is reproducible and each
-batch is generated on all devices at once (`Experiment.sample` places its output split
-over the mesh).
+Sample batch b uses key fold_in(PRNGKey(seed), b), so a sample set is reproducible and
+each batch is generated on all devices at once (`Experiment.sample` places its output
+split over the mesh).
 """
 
 from typing import Iterator, NamedTuple, Optional
@@ -10,8 +11,18 @@ from typing import Iterator, NamedTuple, Optional
 import jax
 import numpy as np
 
-from scm_jax import sampling
+from scm_jax.core import sampling
 from scm_jax.errors import ConfigError
+
+
+def reference_data(data_config, split: str, num: int = 0, seed: int = 0) -> np.ndarray:
+  """`num` examples of `split` (all of it when num <= 0 or num >= its size): a seeded
+  random subset in index order, read in chunks. The same arguments give the same set."""
+  from scm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  source = data_lib.build_source(data_config, split)
+  n = len(source) if num <= 0 else min(num, len(source))
+  idx = np.sort(np.random.default_rng(seed).permutation(len(source))[:n])
+  return np.concatenate([source.get(idx[i:i + 1000])['x'] for i in range(0, n, 1000)])
 
 
 class Sampler(NamedTuple):

@@ -1,10 +1,11 @@
 """Network weights as plain .npz files (no pickle): nested dicts <-> 'a/b/c' keys."""
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from scm_jax.infra import files
 
 
 def flat_leaves(tree) -> dict:
@@ -30,10 +31,7 @@ def unflatten(flat: dict) -> dict:
 
 def save(path: str, tree) -> None:
   """Writes the tree atomically (a crash never leaves a half-written weights file)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **flatten(tree))
-  os.replace(tmp, path)
+  files.atomic_savez(path, **flatten(tree))
 
 
 def read(path: str) -> dict[str, np.ndarray]:

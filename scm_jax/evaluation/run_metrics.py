@@ -22,7 +22,6 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from scm_jax import data as data_lib
 from scm_jax.evaluation.sample_metrics import energy_distance
 
 STATUSES = ('ok', 'unstable', 'failed', 'diverged')
@@ -117,11 +116,3 @@ def classify(metrics: Mapping, stopped: bool = False,
   if metrics.get('skipped_steps', 0) > 0:
     return 'unstable', f'{metrics["skipped_steps"]} steps skipped (non-finite)'
   return 'ok', ''
-
-
-def held_out_reference(exp, num: int, split: Optional[str] = None) -> np.ndarray:
-  """Up to `num` examples of the config's eval split (data.eval_split)."""
-  c = exp.config
-  source = data_lib.build_source(c.data, split or c.data.eval_split)
-  n = min(num, len(source))
-  return np.asarray(source.get(np.arange(n))['x'])

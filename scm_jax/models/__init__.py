@@ -39,8 +39,9 @@ def _as_hashable(value: Any) -> Any:
   return value
 
 
-def build_model(model_config: Mapping[str, Any]) -> nn.Module:
-  """Builds the model named `model_config.name`; other keys are its fields."""
+def check_model_config(model_config: Mapping[str, Any]) -> tuple[type[nn.Module], dict]:
+  """(model class, its field values) of a model config; ConfigError for an unknown name
+  or field. Field values are checked when the model is built (its __post_init__)."""
   config = (model_config.to_dict()
             if isinstance(model_config, ml_collections.ConfigDict)
             else dict(model_config))
@@ -55,7 +56,13 @@ def build_model(model_config: Mapping[str, Any]) -> nn.Module:
       raise ConfigError(
           f'Unknown key model.{key} for model {name!r}; valid keys are: '
           f'{", ".join(fields)}.')
-  return cls(**{k: _as_hashable(v) for k, v in config.items()})
+  return cls, {k: _as_hashable(v) for k, v in config.items()}
+
+
+def build_model(model_config: Mapping[str, Any]) -> nn.Module:
+  """Builds the model named `model_config.name`; other keys are its fields."""
+  cls, fields = check_model_config(model_config)
+  return cls(**fields)
 
 
 def default_model_config(name: str) -> ml_collections.ConfigDict:
@@ -67,5 +74,5 @@ def default_model_config(name: str) -> ml_collections.ConfigDict:
   return config
 
 
-__all__ = ['MODELS', 'DiT', 'MLP', 'UNet', 'build_model', 'default_model_config',
-           'model_fields']
+__all__ = ['MODELS', 'DiT', 'MLP', 'UNet', 'build_model', 'check_model_config',
+           'default_model_config', 'model_fields']

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scm_jax.errors import ConfigError
+from scm_jax.models import attention
 from scm_jax.models import layers
 
 # name -> (hidden_size, depth, num_heads): DiT-S/B/L/XL of Peebles & Xie, and an
@@ -87,7 +88,7 @@ class DiTBlock(nn.Module):
     norm = lambda name: layers.AdaptiveNorm(mode=self.norm_mode, norm='layer',
                                             epsilon=1e-6, dtype=self.dtype, name=name)
     h = norm('norm_attn')(x, emb)
-    x = x + layers.SelfAttention(self.num_heads, self.head_dim, self.qk_norm,
+    x = x + attention.SelfAttention(self.num_heads, self.head_dim, self.qk_norm,
                                  self.dtype, self.attn_impl, self.attn_block_size,
                                  name='attn')(h)
     h = norm('norm_mlp')(x, emb)
@@ -119,8 +120,8 @@ class DiT(layers.SCMNetwork):
     num_classes: classes; 0 = unconditional; label `num_classes` is the null class.
     logvar_channels: width of the positional embedding of the logvar head.
     dtype: compute dtype, 'float32' or 'bfloat16' (parameters stay float32).
-    attn_impl: attention implementation, see layers.attention ('flash' for scale).
-    attn_block_size: keys per block for attn_impl='flash' (0 = layers.FLASH_BLOCK).
+    attn_impl: attention implementation, see attention.attention ('flash' for scale).
+    attn_block_size: keys per block for attn_impl='flash' (0 = attention.FLASH_BLOCK).
     remat: rematerialization policy of each block, see layers.REMAT_POLICIES.
     out_channels: output channels; 0 means the input's.
   """
@@ -138,18 +139,18 @@ class DiT(layers.SCMNetwork):
   out_channels: int = 0
 
   def __post_init__(self):
-    layers.check_choice('attn_impl', self.attn_impl, tuple(layers.ATTENTION_IMPLS))
+    layers.check_choice('attn_impl', self.attn_impl, tuple(attention.ATTENTION_IMPLS))
     layers.check_choice('remat', self.remat, tuple(layers.REMAT_POLICIES))
     for field in ('patch_size', 'hidden_size', 'depth'):
       if getattr(self, field) <= 0:
         raise ConfigError(f'model.{field} must be > 0, got {getattr(self, field)}.')
-    layers.heads_for(self.hidden_size, self.num_heads, self.head_dim)
+    attention.heads_for(self.hidden_size, self.num_heads, self.head_dim)
     super().__post_init__()
 
-  def _check_input(self, x: jax.Array) -> None:
-    if x.ndim != 4:
-      raise ConfigError(f"Model 'dit' takes images or latents [B, H, W, C] but got "
-                        f"inputs of shape {x.shape}.")
+  def conditioning_dims(self) -> tuple[int, int]:
+    return self.time_embed_dim or self.hidden_size, self.freq_dim
+
+  def check_input(self, x: jax.Array) -> None:
     p = self.patch_size
     if x.shape[1] % p or x.shape[2] % p:
       raise ConfigError(f'Input size {x.shape[1]}x{x.shape[2]} is not divisible by '
@@ -160,14 +161,9 @@ class DiT(layers.SCMNetwork):
                labels: Optional[jax.Array] = None, *,
                train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns (F [B, H, W, C_out] float32, logvar [B] float32)."""
-    self._check_input(x)
-    dtype = layers.resolve_dtype(self.dtype)
+    dtype, t, emb = self.embed(x, t, labels)
     _, height, width, channels = x.shape
     p, c = self.patch_size, self.hidden_size
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    emb = layers.Conditioning(
-        self.time_embed_dim or c, self.time_embed_scale, self.time_embed_kind,
-        self.fourier_scale, self.freq_dim, self.num_classes, name='cond')(t, labels)
 
     tokens = patchify(layers.constrain_batch(x), p)
     h = nn.Dense(c, dtype=dtype, name='patch_embed')(tokens.astype(dtype))
@@ -186,9 +182,7 @@ class DiT(layers.SCMNetwork):
     out = nn.Dense(p * p * out_channels, dtype=dtype,
                    kernel_init=nn.initializers.zeros, name='final')(h)
     out = unpatchify(out.astype(jnp.float32), p, height, width)
-    logvar = layers.LogVarHead(self.logvar_channels, self.time_embed_scale,
-                               name='logvar')(t)
-    return out, logvar
+    return out, self.logvar(t)
 
 
 def dit_size(name: str) -> dict:

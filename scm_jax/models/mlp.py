@@ -52,6 +52,8 @@ class MLP(layers.SCMNetwork):
   time_embed_dim: int = 128
   time_embed_scale: float = 10.0
 
+  input_kind = 'vectors'
+
   def __post_init__(self):
     for field in ('width', 'time_embed_dim'):
       if getattr(self, field) <= 0:
@@ -61,20 +63,15 @@ class MLP(layers.SCMNetwork):
       raise ConfigError(f'model.depth must be >= 0, got {self.depth}.')
     super().__post_init__()
 
+  def conditioning_dims(self) -> tuple[int, int]:
+    return self.time_embed_dim, self.time_embed_dim
+
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,
                labels: Optional[jax.Array] = None, *,
                train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns (F [B, D] float32, logvar [B] float32)."""
-    if x.ndim != 2:
-      raise ConfigError(
-          f"Model 'mlp' takes vectors [B, D] but got inputs of shape {x.shape}; "
-          "use model.name='unet' for images.")
-    dtype = layers.resolve_dtype(self.dtype)
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    emb = layers.Conditioning(
-        self.time_embed_dim, self.time_embed_scale, self.time_embed_kind,
-        self.fourier_scale, num_classes=self.num_classes, name='cond')(t, labels)
+    dtype, t, emb = self.embed(x, t, labels)
 
     h = nn.Dense(self.width, dtype=dtype, name='dense_in')(x)
     for i in range(self.depth):
@@ -83,6 +80,4 @@ class MLP(layers.SCMNetwork):
     h = nn.LayerNorm(dtype=jnp.float32, name='norm_out')(h)
     out = nn.Dense(x.shape[-1], dtype=dtype, kernel_init=nn.initializers.zeros,
                    name='dense_out')(nn.silu(h))
-    logvar = layers.LogVarHead(self.logvar_channels, self.time_embed_scale,
-                               name='logvar')(t)
-    return out.astype(jnp.float32), logvar
+    return out.astype(jnp.float32), self.logvar(t)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from scm_jax.errors import ConfigError
+from scm_jax.models import attention
 from scm_jax.models import layers
 
 RESAMPLE_KINDS = ('avgpool', 'strided')
@@ -59,7 +60,7 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = _group_norm(x.shape[-1], 'norm')(x).astype(self.dtype)
-    return x + layers.SelfAttention(self.num_heads, self.head_dim, self.qk_norm,
+    return x + attention.SelfAttention(self.num_heads, self.head_dim, self.qk_norm,
                                     self.dtype, self.impl, name='attn')(h)
 
 
@@ -118,7 +119,7 @@ class UNet(layers.SCMNetwork):
     resample: 'avgpool' (avg-pool + conv) or 'strided' (stride-2 conv) down;
       upsampling is always nearest + conv.
     dtype: compute dtype of convs/denses, 'float32' or 'bfloat16'.
-    attn_impl: attention implementation (see layers.attention).
+    attn_impl: attention implementation (see attention.attention).
     out_channels: output channels; 0 means the input's.
     remat: rematerialization policy of every ResBlock and attention block (see
       layers.REMAT_POLICIES); trades compute for activation memory at scale.
@@ -138,7 +139,7 @@ class UNet(layers.SCMNetwork):
   def __post_init__(self):
     layers.check_choice('resample', self.resample, RESAMPLE_KINDS)
     layers.check_choice('attn_impl', self.attn_impl,
-                        tuple(layers.ATTENTION_IMPLS))
+                        tuple(attention.ATTENTION_IMPLS))
     layers.check_choice('remat', self.remat, tuple(layers.REMAT_POLICIES))
     if not self.channel_mult or min(self.channel_mult) <= 0:
       raise ConfigError(
@@ -148,11 +149,10 @@ class UNet(layers.SCMNetwork):
       raise ConfigError('model.channels and model.num_res_blocks must be > 0.')
     super().__post_init__()
 
-  def _check_input(self, x: jax.Array) -> None:
-    if x.ndim != 4:
-      raise ConfigError(
-          f"Model 'unet' takes images [B, H, W, C] but got inputs of shape "
-          f"{x.shape}; use model.name='mlp' for vectors.")
+  def conditioning_dims(self) -> tuple[int, int]:
+    return self.time_embed_dim or 4 * self.channels, self.channels
+
+  def check_input(self, x: jax.Array) -> None:
     factor = 2 ** (len(self.channel_mult) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ConfigError(
@@ -165,13 +165,7 @@ class UNet(layers.SCMNetwork):
                labels: Optional[jax.Array] = None, *,
                train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns (F [B, H, W, C_out] float32, logvar [B] float32)."""
-    self._check_input(x)
-    dtype = layers.resolve_dtype(self.dtype)
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    emb = layers.Conditioning(
-        self.time_embed_dim or 4 * self.channels, self.time_embed_scale,
-        self.time_embed_kind, self.fourier_scale, freq_dim=self.channels,
-        num_classes=self.num_classes, name='cond')(t, labels)
+    dtype, t, emb = self.embed(x, t, labels)
 
     res_cls = layers.maybe_remat(ResBlock, self.remat, static_argnums=(3,))
     attn_cls = layers.maybe_remat(AttnBlock, self.remat)
@@ -213,6 +207,4 @@ class UNet(layers.SCMNetwork):
     h = nn.silu(_group_norm(h.shape[-1], 'norm_out')(h)).astype(dtype)
     out = _conv(self.out_channels or x.shape[-1], dtype, 'conv_out',
                 zero_init=True)(h)
-    logvar = layers.LogVarHead(self.logvar_channels, self.time_embed_scale,
-                               name='logvar')(t)
-    return out.astype(jnp.float32), logvar
+    return out.astype(jnp.float32), self.logvar(t)

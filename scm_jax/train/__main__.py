@@ -19,7 +19,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  from scm_jax import distributed
+  from scm_jax.infra import distributed
   from scm_jax.train import loop  # after flag parsing: a bad flag fails fast
   from scm_jax.train import preemption
   config = cli.config_value(_CONFIG)

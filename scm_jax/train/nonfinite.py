@@ -26,7 +26,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from scm_jax import checkpoint as ckpt_lib
+from scm_jax.infra import checkpoint as ckpt_lib
 from scm_jax.errors import DataError
 
 ACTIONS = ('stop', 'rollback')
@@ -106,7 +106,7 @@ class NonfiniteGuard:
             'config.optim.lr or config.optim.grad_clip, or set '
             "config.train.nonfinite_action='rollback'.")
 
-  def rollback(self, fail_step: int, data_step: int, exp, ckpt, validate_meta=None):
+  def rollback(self, fail_step: int, data_step: int, exp, ckpt, validate):
     """Restores the newest checkpoint from before the streak; returns (state, data_offset).
 
     `data_step` is the index of the batch after the one `fail_step` used; training goes
@@ -116,7 +116,7 @@ class NonfiniteGuard:
     """
     first_bad = fail_step - self.streak + 1
     ckpt.wait()
-    state, _ = ckpt.restore_latest(exp.abstract_state, validate_meta, before=first_bad)
+    state, _ = ckpt.restore_latest(exp.abstract_state, validate, before=first_bad)
     if state is None:
       self._in_a_row = self.max_rollbacks  # nothing to go back to: stop
       raise NonFiniteError(self._message(fail_step) + (

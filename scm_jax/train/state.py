@@ -14,7 +14,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from scm_jax import config as config_lib
 from scm_jax.errors import ConfigError
 
 
@@ -22,7 +21,7 @@ from scm_jax.errors import ConfigError
 class TrainState:
   step: jax.Array              # int32 scalar: optimizer steps taken (= batches consumed)
   params: Any
-  ema: dict                    # name -> parameter copy (see config.ema_names)
+  ema: dict                    # name -> parameter copy (see ema_names)
   opt_state: Any
   rng: jax.Array               # base key (raw uint32[2]); step keys are fold_in(rng, step)
   nonfinite_total: jax.Array   # steps skipped for non-finite loss/grads
@@ -30,6 +29,10 @@ class TrainState:
 
 
 # ----------------------------------------------------------------- optimizer
+
+OPTIMIZERS = ('adam', 'adamw', 'radam')
+SCHEDULES = ('constant', 'cosine', 'inv_sqrt')
+
 
 def learning_rate_schedule(c: ml_collections.ConfigDict, num_steps: int):
   """Linear warmup to optim.lr, then constant, cosine or inverse-sqrt decay."""
@@ -39,9 +42,12 @@ def learning_rate_schedule(c: ml_collections.ConfigDict, num_steps: int):
     after = optax.constant_schedule(o.lr)
   elif o.schedule == 'cosine':
     after = optax.cosine_decay_schedule(o.lr, max(int(o.decay_steps or num_steps) - warm, 1))
-  else:  # inv_sqrt, EDM2-style: lr / sqrt(max(step / t_ref, 1))
+  elif o.schedule == 'inv_sqrt':  # EDM2-style: lr / sqrt(max(step / t_ref, 1))
     t_ref = max(int(o.decay_steps or 1), 1)
     after = lambda s: o.lr / jnp.sqrt(jnp.maximum((s + warm) / t_ref, 1.0))
+  else:
+    raise ConfigError(f'config.optim.schedule={o.schedule!r} is unknown; choose one of '
+                      f'{SCHEDULES}.')
   if warm == 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), after], [warm])
@@ -54,14 +60,33 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
     opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
   elif o.name == 'adamw':
     opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  else:
+  elif o.name == 'radam':
     opt = optax.radam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+  else:
+    raise ConfigError(f'config.optim.name={o.name!r} is unknown; choose one of {OPTIMIZERS}.')
   if o.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
   return opt
 
 
 # ----------------------------------------------------------------------- EMA
+
+def ema_names(c: ml_collections.ConfigDict) -> list[str]:
+  """Names of the EMA parameter copies kept in the TrainState: classic `ema_<decay>`
+  (config.ema.decays), then EDM2 power-function `pema_<sigma_rel>` (config.ema.sigma_rels)."""
+  return ([f'ema_{d:g}' for d in c.ema.decays] +
+          [f'pema_{s:g}' for s in c.ema.sigma_rels])
+
+
+def check_ema_config(ema_config) -> None:
+  """ConfigError unless every decay is in (0, 1) and every sigma_rel in (0, 0.3)."""
+  for d in ema_config.decays:
+    if not 0 < d < 1:
+      raise ConfigError(f'config.ema.decays entries must be in (0, 1), got {d}.')
+  for s in ema_config.sigma_rels:
+    if not 0 < s < 0.3:
+      raise ConfigError(f'config.ema.sigma_rels entries must be in (0, 0.3), got {s}.')
+
 
 def power_ema_gamma(sigma_rel: float) -> float:
   """EDM2 (Karras et al. 2024, eq. 3): gamma whose power-function EMA has width sigma_rel.
@@ -122,7 +147,7 @@ def create_train_state(c: ml_collections.ConfigDict, model, data_shape, key,
   if params is None:
     params = init_params(model, data_shape, k_init)
   tx = tx or make_optimizer(c)
-  ema = {name: jax.tree.map(jnp.copy, params) for name in config_lib.ema_names(c)}
+  ema = {name: jax.tree.map(jnp.copy, params) for name in ema_names(c)}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=ema,
                     opt_state=tx.init(params), rng=k_rng,
                     nonfinite_total=jnp.zeros((), jnp.int32),
@@ -136,7 +161,7 @@ def pick_params(state: TrainState, which: str = '', config=None):
   if which == 'params' or (not which and not state.ema):
     return state.params
   if not which:
-    names = [n for n in config_lib.ema_names(config) if n in state.ema] if config else []
+    names = [n for n in ema_names(config) if n in state.ema] if config else []
     return state.ema[(names or state_ema_order(state))[0]]
   if which not in state.ema:
     raise ConfigError(f'no EMA named {which!r}; this run keeps {state_ema_order(state)} '

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from scm_jax import losses
-from scm_jax import sharding as sharding_lib
+from scm_jax.core import losses
+from scm_jax.infra import sharding as sharding_lib
 from scm_jax.train import state as state_lib
 
 

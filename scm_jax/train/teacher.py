@@ -1,34 +1,43 @@
-"""The sCD teacher named by `config.teacher`: a TrigFlow diffusion workdir of this project.
+"""The teacher named by `config.teacher`: a TrigFlow diffusion workdir of this project.
 
     python -m scm_jax.train --config=configs/digits_scd.py --workdir=runs/student \\
         --config.teacher.workdir=runs/teacher
 
-loads the teacher's config and checkpoint, picks its weights (`teacher.ema`), applies
-classifier-free guidance (`teacher.guidance`), and returns the drift
-dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t) for the consistency loss, plus the
-teacher's weights as the student's initialization when `teacher.init_student` is set
-(the paper initializes the student from the teacher). Teachers in other
-parameterizations (EDM, VP, flow matching) go through `scm_jax.teachers` and the
-`dxdt_fn` argument of `train_and_evaluate`.
+`resolve` reads the teacher's saved config, checks it against the student (before any
+checkpoint is read), restores the teacher's chosen weights (`teacher.ema`) read-only,
+applies classifier-free guidance (`teacher.guidance`) and returns what training takes
+from it: the sCD drift dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t), and the weights the
+student starts from when `teacher.init_student` is set (the paper initializes the
+student from the teacher). Teachers in other parameterizations (EDM, VP, flow matching)
+go through `scm_jax.core.teachers` and the `dxdt_fn` argument of Experiment.
 """
+
+import dataclasses
+from typing import Any, Optional
 
 import jax
 import ml_collections
 
-from scm_jax import checkpoint as ckpt_lib
-from scm_jax import data as data_lib
 from scm_jax import models as models_lib
-from scm_jax import teachers
-from scm_jax.errors import ConfigError
+from scm_jax.core import teachers
+from scm_jax.errors import CheckpointError, ConfigError
+from scm_jax.infra import checkpoint as ckpt_lib
 from scm_jax.train import state as state_lib
+from scm_jax.train import workdir as workdir_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """What training takes from a teacher; both fields None for runs without one."""
+  dxdt_fn: Optional[Any] = None      # sCD drift dxdt(x_t, t, labels) (a Partial over weights)
+  init_params: Optional[Any] = None  # the student's initial parameters
 
 
 def teacher_config(workdir: str) -> ml_collections.ConfigDict:
   """The teacher's saved config; refuses workdirs that hold no diffusion model."""
-  from scm_jax.train import loop  # loop imports this module
   try:
-    tc = loop.load_config(workdir)
-  except ckpt_lib.CheckpointError as e:
+    tc = workdir_lib.load_config(workdir)
+  except CheckpointError as e:
     raise ConfigError(f'config.teacher.workdir: {e}') from None
   if tc.loss.kind != 'diffusion':
     raise ConfigError(
@@ -38,12 +47,23 @@ def teacher_config(workdir: str) -> ml_collections.ConfigDict:
   return tc
 
 
-def load_teacher(workdir: str, ema: str = '', step: int = -1):
-  """(teacher Experiment, its chosen weights) from a diffusion training workdir."""
-  from scm_jax.train import loop
-  teacher_config(workdir)
-  exp, state = loop.load_experiment(workdir, step=None if step < 0 else step)
-  return exp, state_lib.pick_params(state, ema, exp.config)
+def load_teacher(workdir: str, data_shape, ema: str = '', step: int = -1):
+  """(teacher model, its saved config, its chosen weights) from a diffusion workdir.
+
+  Only the model and the abstract state are built (no data source, no train step): the
+  checkpoint is restored read-only for data of `data_shape`, the student's.
+  """
+  tc = teacher_config(workdir)
+  model = models_lib.build_model(tc.model)
+  abstract = jax.eval_shape(lambda k: state_lib.create_train_state(tc, model, data_shape, k),
+                            jax.random.PRNGKey(0))
+  try:
+    state, _ = workdir_lib.restore(
+        workdir, abstract, None if step < 0 else step, data_shape=data_shape,
+        fix='Distill on the data the teacher was trained on, with its architecture.')
+  except ckpt_lib.IncompatibleCheckpointError as e:
+    raise ConfigError(f'config.teacher.workdir: {e}') from None
+  return model, tc, state_lib.pick_params(state, ema, tc)
 
 
 def _check_same(name: str, student, teacher, fix: str) -> None:
@@ -52,16 +72,15 @@ def _check_same(name: str, student, teacher, fix: str) -> None:
                       f'{fix}')
 
 
-def resolve_teacher(config: ml_collections.ConfigDict, dxdt_fn=None, init_params=None):
-  """(dxdt_fn, init_params) for training `config`.
+def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Teacher:
+  """The Teacher of `config` for a student of `data_shape` whose parameters have the
+  shapes of `student_params` (abstract is enough).
 
-  Anything given explicitly wins. For loss.kind='scd' without a dxdt_fn, the teacher
-  comes from config.teacher.workdir; a ConfigError says what is missing or mismatched
-  (checked on the saved config first, before any checkpoint is read).
+  Only loss.kind='scd' has one. A ConfigError says what is missing or mismatched.
   """
   c = config
-  if c.loss.kind != 'scd' or dxdt_fn is not None:
-    return dxdt_fn, init_params
+  if c.loss.kind != 'scd':
+    return Teacher()
   if not c.teacher.workdir:
     raise ConfigError("loss.kind='scd' distills a teacher: pass --config.teacher.workdir="
                       '<workdir of a diffusion run> (train one first, e.g. with '
@@ -69,33 +88,25 @@ def resolve_teacher(config: ml_collections.ConfigDict, dxdt_fn=None, init_params
   tc = teacher_config(c.teacher.workdir)
   _check_same('trigflow.sigma_d', c.trigflow.sigma_d, tc.trigflow.sigma_d,
               "set --config.trigflow.sigma_d to the teacher's value.")
-  student = models_lib.build_model(c.model)
   teacher_classes = int(tc.model.get('num_classes', 0))
   if c.teacher.guidance != 1.0 and not teacher_classes:
     raise ConfigError(f'config.teacher.guidance={c.teacher.guidance} needs a '
                       'class-conditional teacher; this one is unconditional (use 1.0).')
-  _check_same('model.num_classes', int(getattr(student, 'num_classes', 0)), teacher_classes,
+  _check_same('model.num_classes', int(c.model.get('num_classes', 0)), teacher_classes,
               'a conditional teacher needs a conditional student with the same classes.')
 
-  t_exp, t_params = load_teacher(c.teacher.workdir, c.teacher.ema, c.teacher.step)
-  data_shape = tuple(data_lib.build_source(c.data, c.data.split).shape)
-  _check_same('data shape', data_shape, t_exp.data_shape,
-              'distill on the data the teacher was trained on.')
-  F_apply = teachers.from_flax_model(t_exp.model)
-  if teacher_classes:
-    F_apply = teachers.guided(F_apply, c.teacher.guidance, teacher_classes)
-  dxdt_fn = teachers.make_dxdt_fn(F_apply, t_params, c.trigflow.sigma_d)
-
-  if c.teacher.init_student and init_params is None:
-    expected = jax.eval_shape(lambda k: state_lib.init_params(student, data_shape, k),
-                              jax.random.PRNGKey(0))
-    diffs = ckpt_lib.shape_mismatches(ckpt_lib.flat_shapes(t_params),
-                                      ckpt_lib.flat_shapes(expected))
-    if diffs:
-      raise ConfigError(
-          "config.teacher.init_student=True copies the teacher's weights into the student, "
-          'but the architectures differ (teacher vs student):\n' + '\n'.join(diffs) +
-          "\nGive the student the teacher's config.model (the same --config.model.* "
-          'overrides) or set --config.teacher.init_student=False.')
-    init_params = t_params
-  return dxdt_fn, init_params
+  model, _, params = load_teacher(c.teacher.workdir, data_shape, c.teacher.ema,
+                                  c.teacher.step)
+  F_apply = teachers.from_flax_model(model, c.teacher.guidance)
+  dxdt_fn = teachers.make_dxdt_fn(F_apply, params, c.trigflow.sigma_d)
+  if not c.teacher.init_student:
+    return Teacher(dxdt_fn)
+  diffs = workdir_lib.shape_mismatches(ckpt_lib.flat_shapes(params),
+                                       ckpt_lib.flat_shapes(student_params))
+  if diffs:
+    raise ConfigError(
+        "config.teacher.init_student=True copies the teacher's weights into the student, "
+        'but the architectures differ (teacher vs student):\n' + '\n'.join(diffs) +
+        "\nGive the student the teacher's config.model (the same --config.model.* "
+        'overrides) or set --config.teacher.init_student=False.')
+  return Teacher(dxdt_fn, params)

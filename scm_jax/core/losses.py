@@ -14,7 +14,11 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from scm_jax import trigflow
+from scm_jax.core import trigflow
+
+LOSS_KINDS = ('sct', 'scd', 'diffusion')
+CONSISTENCY_KINDS = ('sct', 'scd')  # trained as consistency models (sampled in 1-2 steps)
+TIME_DERIVATIVES = ('jvp', 'finite_difference')
 
 ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
 # dxdt_fn(x_t, t, labels) -> dx_t/dt: the teacher PF-ODE drift for sCD.
@@ -130,7 +134,7 @@ def jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, *, time_derivative='jvp', fd_eps=1e-
     F_minus, jvp_x = jax.jvp(f, (x_in, t), (tx, jnp.zeros_like(t)))
     dF_dt = (f(x_in, t + fd_eps) - f(x_in, t - fd_eps)) / (2 * fd_eps)
     return F_minus, jvp_x + trigflow.expand_t(cs * sigma_d, x_t) * dF_dt
-  raise ValueError(f'unknown time_derivative {time_derivative!r}; use jvp|finite_difference')
+  raise ValueError(f'unknown time_derivative {time_derivative!r}; use one of {TIME_DERIVATIVES}')
 
 
 def consistency_loss(params, batch, key, step, *, apply_fn: ApplyFn, sigma_d: float,
@@ -181,7 +185,7 @@ def make_loss_fn(loss_config: Any, apply_fn: ApplyFn, sigma_d: float,
                 adaptive_weight=c.adaptive_weight, num_buckets=c.num_time_buckets)
   if c.kind == 'diffusion':
     return lambda params, batch, key, step: diffusion_loss(params, batch, key, **common)
-  if c.kind in ('sct', 'scd'):
+  if c.kind in CONSISTENCY_KINDS:
     if c.kind == 'scd' and dxdt_fn is None:
       raise ValueError('loss.kind="scd" needs a teacher (dxdt_fn)')
     kwargs = dict(common, tangent_warmup_steps=c.tangent_warmup_steps,
@@ -189,4 +193,4 @@ def make_loss_fn(loss_config: Any, apply_fn: ApplyFn, sigma_d: float,
                   dxdt_fn=dxdt_fn if c.kind == 'scd' else None,
                   time_derivative=c.time_derivative, fd_eps=c.fd_eps)
     return lambda params, batch, key, step: consistency_loss(params, batch, key, step, **kwargs)
-  raise ValueError(f'unknown loss.kind {c.kind!r}')
+  raise ValueError(f'unknown loss.kind {c.kind!r}; use one of {LOSS_KINDS}')

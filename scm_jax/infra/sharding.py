@@ -21,15 +21,24 @@ from scm_jax.errors import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+STRATEGIES = ('replicate', 'fsdp')  # config.sharding.strategy for leaves no rule matches
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) sizes; one of them may be -1 = all remaining devices."""
+def check_mesh_config(mesh_config) -> dict[str, int]:
+  """{axis: size} of config.mesh; ConfigError unless every size is >= 1 or -1 (= all
+  remaining devices) and at most one is -1."""
   sizes = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES}
   free = [a for a, v in sizes.items() if v == -1]
   if len(free) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
     raise ConfigError(f'config.mesh {sizes}: sizes must be >= 1, and at most one may be -1 '
                       '(= all remaining devices).')
+  return sizes
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes; one of them may be -1 = all remaining devices."""
+  sizes = check_mesh_config(mesh_config)
+  free = [a for a, v in sizes.items() if v == -1]
   if free:
     fixed = int(np.prod([v for v in sizes.values() if v != -1]))
     if num_devices % fixed:
@@ -70,7 +79,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+  """'params/Dense_0/kernel' for a jax.tree_util key path."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
                   for k in path)
 
@@ -103,7 +113,10 @@ def leaf_spec(path: str, shape, mesh: Mesh, sharding_config) -> P:
       return P(*spec)
   if sharding_config.strategy == 'fsdp':
     return _fsdp_spec(shape, mesh.shape['fsdp'], sharding_config.fsdp_min_size)
-  return P()
+  if sharding_config.strategy == 'replicate':
+    return P()
+  raise ConfigError(f'config.sharding.strategy={sharding_config.strategy!r} is unknown; '
+                    f'choose one of {STRATEGIES}.')
 
 
 def tree_shardings(tree, mesh: Mesh, sharding_config) -> Any:
@@ -114,7 +127,7 @@ def tree_shardings(tree, mesh: Mesh, sharding_config) -> Any:
   """
   def one(path, leaf):
     shape = getattr(leaf, 'shape', ())
-    return NamedSharding(mesh, leaf_spec(_path_str(path), shape, mesh, sharding_config))
+    return NamedSharding(mesh, leaf_spec(path_str(path), shape, mesh, sharding_config))
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -130,10 +143,9 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
+  """ConfigError unless the batch splits evenly over the mesh's batch axes (the split
+  over processes is the data pipeline's rule: data.per_process_batch)."""
   n = mesh.shape['data'] * mesh.shape['fsdp']
   if global_batch % n:
     raise ConfigError(f'config.train.batch_size={global_batch} is not divisible by the '
                       f'{n} devices of the mesh; use a multiple of {n}.')
-  if global_batch % jax.process_count():
-    raise ConfigError(f'config.train.batch_size={global_batch} is not divisible by the '
-                      f'{jax.process_count()} processes.')

@@ -10,7 +10,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from scm_jax import trigflow
+from scm_jax.core import trigflow
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 A checkpoint step directory holds two items: 'state' (the TrainState pytree, sharded
 arrays written collectively) and 'meta' (JSON: the config, data-iterator position, data
-shape and a fingerprint of every state array). Orbax writes each step into a temporary
+shape and a fingerprint of every state array). Items are read through Orbax's
+CheckpointManager only (`read_meta` restores the meta item alone, `saved_shapes` asks for
+the state's array metadata). Orbax writes each step into a temporary
 directory and renames it when complete, so a crash mid-save leaves the previous
 checkpoints intact; leftover temporary directories are removed on the next start.
 
@@ -13,7 +15,6 @@ overwritten file) is treated as corrupted: it is moved to `<workdir>/checkpoints
 tensorstore arrays, meta is JSON.
 """
 
-import json
 import logging
 import os
 from typing import Any, Optional
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from scm_jax.errors import CheckpointError
+from scm_jax.infra import sharding
 
 CKPT_DIR = 'checkpoints'
 UNUSABLE_DIR = 'checkpoints_unusable'      # corrupted steps, moved aside on restore
@@ -30,67 +32,10 @@ ROLLED_BACK_DIR = 'checkpoints_rolled_back'  # steps newer than a non-finite rol
 FORMAT_VERSION = 1
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes a file via a temporary name and rename, so readers never see half of it."""
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _path_str(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-                  for k in path)
-
-
 def flat_shapes(tree) -> dict[str, tuple]:
   """{'params/Dense_0/kernel': (2, 256), ...} for arrays, abstract arrays or metadata."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_str(p): tuple(getattr(x, 'shape', ())) for p, x in leaves}
-
-
-def shape_mismatches(saved: dict, expected: dict, limit: int = 20) -> list[str]:
-  """Human-readable differences between two flat_shapes() dicts."""
-  out = []
-  # Parameters first: the EMA and optimizer copies of a mismatch repeat it.
-  for k in sorted(set(saved) | set(expected), key=lambda k: (not k.startswith('params/'), k)):
-    if k not in saved:
-      out.append(f'  {k}: missing from checkpoint (model expects {expected[k]})')
-    elif k not in expected:
-      out.append(f'  {k}: in checkpoint {saved[k]} but not in the model')
-    elif saved[k] != expected[k]:
-      out.append(f'  {k}: checkpoint {saved[k]} vs model {expected[k]}')
-  if len(out) > limit:
-    out = out[:limit] + [f'  ... and {len(out) - limit} more']
-  return out
-
-
-def _flat_config(tree, prefix: str = '') -> dict:
-  """{'model.width': 256, ...} from a JSON-like nested dict (tuples as lists)."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat_config(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def config_mismatches(saved: dict, current: dict, prefixes) -> tuple[list[str], list[str]]:
-  """(differences under `prefixes`, other differences) between two JSON configs.
-
-  Fields present in only one of them are ignored: a field added by a newer version of
-  the library takes its default, which is what the old run used.
-  """
-  a, b = _flat_config(saved), _flat_config(json.loads(json.dumps(current)))
-  strict, loose = [], []
-  for k in sorted(set(a) & set(b)):
-    if a[k] != b[k]:
-      line = f'  config.{k}: checkpoint {a[k]!r} vs now {b[k]!r}'
-      (strict if any(k == p or k.startswith(p + '.') for p in prefixes) else loose).append(line)
-  return strict, loose
+  return {sharding.path_str(p): tuple(getattr(x, 'shape', ())) for p, x in leaves}
 
 
 class IncompatibleCheckpointError(CheckpointError):
@@ -130,11 +75,19 @@ def _fingerprint(state):
 _fingerprint_jit = jax.jit(_fingerprint)
 
 
+def _first_line(e: Exception) -> str:
+  """An exception's first line (tensorstore and Orbax append long specs after it)."""
+  return (str(e).splitlines() or [''])[0]
+
+
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` keeping the last `keep` steps.
 
-  `read_only` (for readers such as the sample CLI, which may run beside a training job)
-  neither removes leftover temporary directories nor moves corrupted steps aside.
+  Compatibility is not decided here: `restore` and `restore_latest` take a
+  `validate(step, meta, saved_shapes)` callback (train/workdir.py owns the rules) that
+  raises IncompatibleCheckpointError before any array is read. `read_only` (readers
+  such as the sample CLI, which may run beside a training job) opens Orbax's manager
+  read-only: nothing is created, cleaned up or moved aside.
   """
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
@@ -142,13 +95,18 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CKPT_DIR)
     self.read_only = read_only
-    # Explicit handlers (not just item names): a fresh process can then read the saved
-    # tree's metadata, which check_compatible needs before anything is restored.
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             save_interval_steps=0,
+                                             cleanup_tmp_directories=False)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             cleanup_tmp_directories=True,
+                                             enable_async_checkpointing=async_save)
+    # Explicit handlers (not just item names): a fresh process can then read one item
+    # (the meta, the state's array metadata) without restoring the others.
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
-            enable_async_checkpointing=async_save),
+        self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
 
@@ -176,56 +134,49 @@ class Checkpointer:
     self.manager.close()
 
   def read_meta(self, step: int) -> dict:
-    path = os.path.join(self.directory, str(step), 'meta', 'metadata')
+    """The step's 'meta' item (JSON), read alone."""
     try:
-      with open(path) as f:
-        return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except  # missing, truncated, not JSON
       raise CheckpointError(f'checkpoint step {step} in {self.directory} has unreadable '
-                            f'metadata ({e}); it is corrupted or truncated.') from e
+                            f'metadata ({_first_line(e)}); it is corrupted or '
+                            'truncated.') from e
+    if not isinstance(meta, dict):
+      raise CheckpointError(f'checkpoint step {step} in {self.directory} has metadata '
+                            f'that is not a JSON object; it is corrupted.')
+    return dict(meta)
 
   def saved_shapes(self, step: int) -> dict[str, tuple]:
-    """Shapes recorded in the step's 'state' item (reads metadata only, no arrays)."""
-    with ocp.StandardCheckpointer() as reader:
-      md = reader.metadata(os.path.join(self.directory, str(step), 'state')).item_metadata
-    shapes = flat_shapes(getattr(md, 'tree', md))
+    """Shapes recorded in the step's 'state' item (array metadata only, no arrays)."""
+    try:
+      md = self.manager.item_metadata(step)['state']
+      shapes = flat_shapes(getattr(md, 'tree', md))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'cannot read the array metadata of checkpoint step {step} in '
+                            f'{self.directory}: {_first_line(e)}') from e
     if not shapes:
       raise CheckpointError(f'checkpoint step {step} in {self.directory} records no arrays.')
     return shapes
-
-  def check_compatible(self, step: int, abstract_state) -> None:
-    """Raises CheckpointError listing every parameter/state shape that differs."""
-    try:
-      saved = self.saved_shapes(step)
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'cannot read the state metadata of checkpoint step {step} in '
-                            f'{self.directory}: {e}') from e
-    diffs = shape_mismatches(saved, flat_shapes(abstract_state))
-    if diffs:
-      raise IncompatibleCheckpointError(
-          f'the checkpoint at step {step} in {self.directory} does not match the model '
-          'built from this config:\n' + '\n'.join(diffs) +
-          '\nUse a new --workdir, or resume with the config the run was started with '
-          '(saved as config.json in the workdir). No checkpoint was changed.')
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-process: whether JAX's preemption service chose `step` to save at."""
     return self.manager.reached_preemption(step)
 
-  def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+  def restore(self, step: int, abstract_state, validate) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` into the shardings of `abstract_state`.
 
-    Raises CheckpointError if the arrays do not match the fingerprint saved with them.
+    `validate(step, meta, saved_shapes)` runs first. Raises CheckpointError if the
+    arrays do not match the fingerprint saved with them or are not finite.
     """
     meta = self.read_meta(step)
     if int(meta.get('format_version', 1)) > FORMAT_VERSION:
       raise IncompatibleCheckpointError(
           f'checkpoint step {step} in {self.directory} was written by a newer scm_jax '
           f'(format {meta["format_version"]} > {FORMAT_VERSION}); upgrade scm_jax.')
-    self.check_compatible(step, abstract_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    state, meta = restored['state'], dict(restored['meta'])
+    validate(step, meta, self.saved_shapes(step))
+    state = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))['state']
     fingerprint, finite = state_fingerprint(state)
     saved = meta.get('fingerprint')
     if saved is not None and saved != fingerprint:
@@ -238,12 +189,12 @@ class Checkpointer:
       raise CheckpointError(f'checkpoint step {step} contains non-finite values')
     return state, meta
 
-  def restore_latest(self, abstract_state, validate_meta=None, before: Optional[int] = None,
+  def restore_latest(self, abstract_state, validate, before: Optional[int] = None,
                      log_fallback: bool = True):
     """Newest restorable checkpoint (older than `before` if given), falling back to older
     ones if it is corrupted; corrupted steps are moved to checkpoints_unusable/.
 
-    Incompatibility (wrong shapes, a failing `validate_meta(meta)`) is the user's
+    Incompatibility (IncompatibleCheckpointError from `validate`) is the user's
     problem, not corruption, and is raised at once. Returns (None, None) if there is
     no checkpoint.
     """
@@ -251,10 +202,7 @@ class Checkpointer:
     errors, unusable = [], []
     for step in reversed(steps):
       try:
-        meta = self.read_meta(step)
-        if validate_meta is not None:
-          validate_meta(meta)
-        state, meta = self.restore(step, abstract_state)
+        state, meta = self.restore(step, abstract_state, validate)
         if errors and log_fallback:
           logging.warning('restored checkpoint step %d after skipping unusable newer ones:\n%s',
                           step, '\n'.join(errors))
@@ -265,8 +213,7 @@ class Checkpointer:
       except CheckpointError as e:
         errors.append(f'  step {step}: {e}')
       except Exception as e:  # pylint: disable=broad-except  # corrupted tensorstore data
-        first_line = (str(e).splitlines() or [''])[0]  # tensorstore appends a long spec
-        errors.append(f'  step {step}: {type(e).__name__}: {first_line[:300]}')
+        errors.append(f'  step {step}: {type(e).__name__}: {_first_line(e)[:300]}')
       unusable.append(step)
     if errors:
       raise CheckpointError(f'no usable checkpoint in {self.directory}:\n' + '\n'.join(errors)

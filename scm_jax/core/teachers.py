@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from scm_jax import trigflow
+from scm_jax.core import trigflow
 
 # F_apply(params, x_scaled, t, labels) -> F.
 FApply = Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
@@ -51,17 +51,18 @@ def _F_from_x0_predictor(x0_fn, sigma_d, sigma_max):
   return F_apply
 
 
-def from_flax_model(model) -> FApply:
-  """A TrigFlow model of this project (MLP/U-Net): F = model(x_scaled, t, labels)[0].
+def from_flax_model(model, guidance: float = 1.0) -> FApply:
+  """A TrigFlow model of this project (MLP/U-Net/DiT): F = model(x_scaled, t, labels)[0].
 
-  Evaluation mode (no dropout). Unconditional models get labels=None.
+  Evaluation mode (no dropout). Unconditional models get labels=None; conditional ones
+  get classifier-free guidance with scale `guidance` (1 = the conditional model itself).
   """
-  conditional = getattr(model, 'num_classes', 0) > 0
+  num_classes = getattr(model, 'num_classes', 0)
 
   def F_apply(params, x_scaled, t, labels=None):
     return model.apply({'params': params}, x_scaled, t,
-                       labels if conditional else None)[0]
-  return F_apply
+                       labels if num_classes > 0 else None)[0]
+  return guided(F_apply, guidance, num_classes) if num_classes > 0 else F_apply
 
 
 def from_edm_denoiser(denoise_fn: Callable, sigma_d: float,

@@ -12,11 +12,13 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from scm_jax import trigflow
+from scm_jax.core import trigflow
 
 FFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 DEFAULT_T_MID = 1.1  # 2-step intermediate time used by the paper.
+ODE_SOLVERS = ('euler', 'heun', 'ddim')
+ODE_SCHEDULES = ('edm', 'uniform')
 
 
 def consistency_times(num_steps: int, t_mid: float = DEFAULT_T_MID,
@@ -85,7 +87,7 @@ def pf_ode_times(num_steps: int, sigma_d: float, schedule: str = 'edm',
     sig = (sigma_max**inv + i * (sigma_min**inv - sigma_max**inv))**rho
     ts = trigflow.t_from_sigma(sig, sigma_d).at[0].set(jnp.pi / 2)
     return jnp.concatenate([ts, jnp.zeros(1)]).astype(jnp.float32)
-  raise ValueError(f'unknown schedule {schedule!r}; use edm|uniform')
+  raise ValueError(f'unknown schedule {schedule!r}; use one of {ODE_SCHEDULES}')
 
 
 def _drift(F_fn, x, t, sigma_d):
@@ -112,7 +114,7 @@ def ode_step(F_fn: FFn, x, t, t_next, sigma_d, solver: str = 'heun', last: bool 
   if solver == 'heun':
     d_next = _drift(F_fn, x_euler, t_next, sigma_d)
     return x + (t_next - t) * 0.5 * (d + d_next)
-  raise ValueError(f'unknown solver {solver!r}; use euler|heun|ddim')
+  raise ValueError(f'unknown solver {solver!r}; use one of {ODE_SOLVERS}')
 
 
 def solve_pf_ode(F_fn: FFn, x_init, ts, sigma_d: float, solver: str = 'heun',

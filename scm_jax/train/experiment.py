@@ -1,0 +1,207 @@
+"""What a run is made of, each part built once: data source, model, mesh, optimizer,
+abstract state, teacher, jitted train step and samplers. No I/O besides reading data
+(and a teacher's checkpoint), so notebooks can use it without the CLI:
+
+    exp = Experiment(config)
+    state = exp.init_state()
+    state, history = exp.train(state, num_steps=500)
+    x = exp.sample(state, num=256, steps=2)
+
+`load_experiment(workdir)` rebuilds the Experiment of a trained workdir and its state.
+"""
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from scm_jax import config as config_lib
+from scm_jax import data as data_lib
+from scm_jax import models as models_lib
+from scm_jax.core import losses
+from scm_jax.core import sampling
+from scm_jax.core import teachers
+from scm_jax.errors import ConfigError
+from scm_jax.infra import sharding as sharding_lib
+from scm_jax.train import state as state_lib
+from scm_jax.train import step as step_lib
+from scm_jax.train import teacher as teacher_lib
+from scm_jax.train import workdir as workdir_lib
+
+
+class Experiment:
+  """Everything needed to train and sample one configuration.
+
+  `dxdt_fn` (an sCD teacher drift, e.g. from `core.teachers`) and `init_params` (the
+  student's initial weights) override what `config.teacher` would load; without them
+  the teacher is resolved once, on first use (sampling never needs it).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, source=None, devices=None,
+               dxdt_fn=None, init_params=None):
+    config_lib.validate_config(config)
+    self.config = config
+    self.source = source if source is not None else data_lib.build_source(
+        config.data, config.data.split)
+    self.data_shape = tuple(self.source.shape)
+    self.model = models_lib.build_model(config.model)
+    self.num_classes = int(getattr(self.model, 'num_classes', 0))
+    self._check_classes()
+    self.mesh = sharding_lib.make_mesh(config.mesh, devices)
+    sharding_lib.check_batch_divisible(config.train.batch_size, self.mesh)
+    self.tx = state_lib.make_optimizer(config)
+    abstract = self._abstract_state()
+    self.state_shardings = sharding_lib.tree_shardings(abstract, self.mesh, config.sharding)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, self.state_shardings)
+    if dxdt_fn is not None or init_params is not None:
+      self.teacher = teacher_lib.Teacher(dxdt_fn, init_params)  # fills the cached property
+    self._samplers = {}
+
+  @property
+  def is_consistency_model(self) -> bool:
+    return self.config.loss.kind in losses.CONSISTENCY_KINDS
+
+  def _check_classes(self) -> None:
+    name = self.source.name
+    if self.num_classes and not self.source.num_classes:
+      raise ConfigError(f'config.model.num_classes={self.num_classes} but the data source '
+                        f'{name!r} has no labels; set model.num_classes=0.')
+    if self.num_classes and self.num_classes != self.source.num_classes:
+      raise ConfigError(f'config.model.num_classes={self.num_classes} but the data source '
+                        f'{name!r} has {self.source.num_classes} classes.')
+
+  def _init(self, key, params=None):
+    return state_lib.create_train_state(self.config, self.model, self.data_shape, key,
+                                        self.tx, params)
+
+  def _abstract_state(self):
+    """The TrainState's shapes; also catches a model that cannot take the data (e.g.
+    an MLP on images) before a cryptic XLA error."""
+    try:
+      return jax.eval_shape(self._init, jax.random.PRNGKey(0))
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f'model {self.config.model.name!r} cannot take data of shape '
+                        f'{self.data_shape} from {self.source.name!r}: {e}') from e
+
+  @functools.cached_property
+  def teacher(self) -> teacher_lib.Teacher:
+    """The sCD drift and initial weights of config.teacher (resolved once)."""
+    return teacher_lib.resolve(self.config, self.data_shape, self.abstract_state.params)
+
+  @functools.cached_property
+  def _jit_step(self) -> tuple[Callable, tuple]:
+    """(jitted step, its extra arguments): a teacher with weights is a jit argument
+    placed like the parameters, not a constant baked into the program."""
+    dxdt_fn = self.teacher.dxdt_fn
+    train_step = step_lib.make_train_step(self.config, self.model, self.tx, dxdt_fn)
+    args, shardings = (), None
+    if teachers.has_params(dxdt_fn):
+      shardings = sharding_lib.tree_shardings(dxdt_fn, self.mesh, self.config.sharding)
+      args = (jax.device_put(dxdt_fn, shardings),)
+    return step_lib.jit_train_step(train_step, self.state_shardings, self.mesh,
+                                   shardings), args
+
+  def init_state(self, seed: Optional[int] = None) -> state_lib.TrainState:
+    """A fresh TrainState (from the teacher's weights when config.teacher says so)."""
+    seed = self.config.seed if seed is None else seed
+    # Given params (e.g. a teacher's, on its own mesh) are placed like the state's and
+    # passed as an argument, not baked into the program as constants.
+    params = self.teacher.init_params
+    if params is not None:
+      params = jax.device_put(params, self.state_shardings.params)
+    init = jax.jit(self._init, out_shardings=self.state_shardings)
+    return init(jax.random.PRNGKey(seed), params)
+
+  def iterator(self, start_step: int = 0, prefetch: Optional[int] = None):
+    return data_lib.BatchIterator(
+        self.source, self.config.train.batch_size, self.config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start_step,
+        prefetch=self.config.data.prefetch if prefetch is None else prefetch)
+
+  def step(self, state, batch):
+    """One training step on a host-local numpy batch."""
+    jit_step, args = self._jit_step
+    return jit_step(state, sharding_lib.put_batch(batch, self.mesh), *args)
+
+  def train(self, state, num_steps: int, iterator=None, callback: Callable = None):
+    """Runs num_steps steps; returns (state, list of per-step host metrics)."""
+    own = iterator is None
+    iterator = iterator or self.iterator(int(state.step))
+    history = []
+    try:
+      for _ in range(num_steps):
+        state, metrics = self.step(state, next(iterator))
+        history.append(metrics)
+        if callback is not None:
+          callback(state, metrics)
+    finally:
+      if own:
+        iterator.close()
+    return state, [jax.device_get(m) for m in history]
+
+  # ------------------------------------------------------------------ sampling
+
+  def F_fn(self, params, labels=None, guidance: float = 1.0):
+    """F(x_scaled, t) with params and labels bound; guidance > 1 mixes in the null class
+    (classifier-free guidance in F-space, see core.teachers.guided)."""
+    F_apply = teachers.from_flax_model(self.model, guidance if labels is not None else 1.0)
+    return lambda x, t: F_apply(params, x, t, labels)
+
+  def _sampler(self, num: int, method: str, steps: int, guidance: float, solver: str):
+    cache_key = (num, method, steps, guidance, solver)
+    if cache_key not in self._samplers:
+      c, shape = self.config, (num,) + self.data_shape
+      sd = c.trigflow.sigma_d
+
+      def run(params, key, labels):
+        F_fn = self.F_fn(params, labels, guidance)
+        if method == 'consistency':
+          times = sampling.consistency_times(steps, c.sample.t_mid)
+          return sampling.sample_consistency(F_fn, key, shape, sd, times)
+        return sampling.sample_pf_ode(F_fn, key, shape, sd, steps, solver,
+                                      c.sample.ode_schedule)
+      # Split the samples over the mesh when they divide evenly (evaluation batches).
+      out = sharding_lib.batch_sharding(self.mesh) if num % self.mesh.size == 0 else None
+      self._samplers[cache_key] = jax.jit(run, out_shardings=out)
+    return self._samplers[cache_key]
+
+  def sample(self, state_or_params, num: int, steps: Optional[int] = None, key=None,
+             labels=None, ema: Optional[str] = None, method: Optional[str] = None,
+             guidance: float = 1.0, solver: Optional[str] = None) -> np.ndarray:
+    """Draws `num` samples as numpy. Consistency models default to 2-step sampling;
+    diffusion models (or method='ode') integrate the PF-ODE with sample.ode_steps
+    steps of `solver` (default sample.ode_solver)."""
+    c = self.config
+    if isinstance(state_or_params, state_lib.TrainState):
+      params = state_lib.pick_params(state_or_params, c.sample.ema if ema is None else ema, c)
+    else:
+      params = state_or_params
+    method = method or ('consistency' if self.is_consistency_model else 'ode')
+    steps = steps or (2 if method == 'consistency' else c.sample.ode_steps)
+    key = jax.random.PRNGKey(c.sample.seed) if key is None else key
+    if self.num_classes and labels is None:
+      labels = np.arange(num) % self.num_classes
+    labels = None if labels is None else jnp.asarray(labels, jnp.int32)
+    solver = solver or c.sample.ode_solver
+    out = self._sampler(num, method, int(steps), float(guidance), solver)(params, key, labels)
+    return np.asarray(jax.device_get(out))
+
+
+def load_experiment(workdir: str, overrides: Optional[dict] = None,
+                    step: Optional[int] = None):
+  """(Experiment, TrainState) of a trained workdir, with the config saved in it
+  (`overrides`: {'sample.t_mid': 1.0, ...}) and its checkpoint `step` (default newest)."""
+  config = workdir_lib.load_config(workdir)
+  if overrides:
+    config_lib.apply_overrides(config, overrides)
+  exp = Experiment(config)
+  state, _ = workdir_lib.restore(workdir, exp.abstract_state, step, data_shape=exp.data_shape)
+  return exp, state

@@ -1,0 +1,165 @@
+"""A training workdir on disk, and the one rule for using its checkpoints.
+
+  <workdir>/config.json     the config the run was (last) started with
+  <workdir>/checkpoints/    Orbax steps (infra/checkpoint.py)
+  <workdir>/metrics.jsonl   one row per log step; tb/, samples/ and eval/ beside it
+
+`compatibility` is the single check that decides whether a checkpoint may be used by a
+run (resuming, sampling, a distillation teacher): data shape, array shapes and, when
+resuming, the config fields that fix what the parameters and the data stream mean. Every
+refusal has the same form: what differs, one line each, then how to fix it.
+"""
+
+import json
+import logging
+import os
+from typing import Callable, Optional
+
+import ml_collections
+
+from scm_jax.errors import CheckpointError
+from scm_jax.infra import checkpoint as ckpt_lib
+from scm_jax.infra import files
+
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.jsonl'
+
+# Config fields a run must resume with: what the parameters and the data stream mean.
+# Other fields (length, learning rate, logging, mesh, ...) may change, with a warning.
+RESUME_FIXED = ('seed', 'data', 'model', 'trigflow', 'loss.kind')
+# ... except these, which change where or how the same data is read, not what it is.
+RESUME_FREE = ('data.prefetch', 'data.data_dir', 'data.download', 'data.eval_split',
+               'data.num_test')
+# Changes not worth a warning on resume (a run's length and cadence).
+QUIET = ('train',)
+
+RESUME_FIX = ("Resume with the run's original config (saved as config.json in the "
+              'workdir) or use a new --workdir.')
+
+
+def _under(field: str, prefixes) -> bool:
+  return any(field == p or field.startswith(p + '.') for p in prefixes)
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes <workdir>/config.json atomically."""
+  files.atomic_write_text(os.path.join(workdir, CONFIG_FILE),
+                          config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (its config.json)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(f'{workdir} has no {CONFIG_FILE}: is it a training workdir? '
+                          'Pass the --workdir used for training.')
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'{path} is unreadable ({e}); restore it from a copy or use a '
+                          'new --workdir.') from None
+
+
+def flat_config(tree: dict, prefix: str = '') -> dict:
+  """{'model.width': 256, ...} from a JSON-like nested dict (tuples as lists)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat_config(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_changes(saved: dict, current: ml_collections.ConfigDict) -> list[tuple]:
+  """[(field, checkpoint value, current value)] where a saved and a current config differ.
+
+  Fields present in only one of them are ignored: a field added by a newer version of
+  the library takes its default, which is what the old run used.
+  """
+  a = flat_config(saved)
+  b = flat_config(json.loads(current.to_json_best_effort()))
+  return [(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+
+
+def _resume_fixed(field: str) -> bool:
+  return _under(field, RESUME_FIXED) and not _under(field, RESUME_FREE)
+
+
+def _change_line(field: str, saved, now) -> str:
+  return f'  config.{field}: checkpoint {saved!r} vs now {now!r}'
+
+
+def shape_mismatches(saved: dict, expected: dict, limit: int = 20) -> list[str]:
+  """Human-readable differences between two checkpoint.flat_shapes() dicts."""
+  out = []
+  # Parameters first: the EMA and optimizer copies of a mismatch repeat it.
+  for k in sorted(set(saved) | set(expected), key=lambda k: (not k.startswith('params/'), k)):
+    if k not in saved:
+      out.append(f'  {k}: missing from checkpoint (model expects {expected[k]})')
+    elif k not in expected:
+      out.append(f'  {k}: in checkpoint {saved[k]} but not in the model')
+    elif saved[k] != expected[k]:
+      out.append(f'  {k}: checkpoint {saved[k]} vs model {expected[k]}')
+  if len(out) > limit:
+    out = out[:limit] + [f'  ... and {len(out) - limit} more']
+  return out
+
+
+def compatibility(workdir: str, abstract_state, *, data_shape=None,
+                  config: Optional[ml_collections.ConfigDict] = None,
+                  strict_config: bool = True, fix: str = RESUME_FIX) -> Callable:
+  """The `validate(step, meta, saved_shapes)` callback for Checkpointer.restore*.
+
+  Refuses (IncompatibleCheckpointError) a checkpoint whose data shape or array shapes
+  differ from this run's, or, given `config` and `strict_config`, whose config differs
+  in a resume-fixed field. Other config changes are logged. `fix` ends the message.
+  """
+  directory = os.path.join(os.path.abspath(workdir), ckpt_lib.CKPT_DIR)
+  expected = ckpt_lib.flat_shapes(abstract_state)
+
+  def validate(step: int, meta: dict, saved_shapes: dict) -> None:
+    problems = []
+    saved_data = tuple(meta.get('data_shape', ()))
+    if data_shape is not None and saved_data and saved_data != tuple(data_shape):
+      problems.append(f'  data shape: checkpoint {saved_data} vs now {tuple(data_shape)}')
+    problems += shape_mismatches(saved_shapes, expected)
+    changes = []
+    if config is not None and 'config' in meta:
+      changes = config_changes(meta['config'], config)
+    fixed = [_change_line(*c) for c in changes if _resume_fixed(c[0])]
+    config_only = not problems
+    if strict_config:
+      problems += fixed
+    if problems:
+      override = (' If the config change is intended, pass '
+                  '--config.train.check_resume_config=False.' if config_only else '')
+      raise ckpt_lib.IncompatibleCheckpointError(
+          f'the checkpoint at step {step} in {directory} does not match this run:\n'
+          + '\n'.join(problems) + f'\n{fix}{override} No checkpoint was changed.')
+    changed = [_change_line(*c) for c in changes
+               if _resume_fixed(c[0]) or not _under(c[0], QUIET)]
+    if changed:
+      logging.warning('resuming with a changed config:\n%s', '\n'.join(changed))
+  return validate
+
+
+def restore(workdir: str, abstract_state, step: Optional[int] = None, *,
+            data_shape=None, fix: str = RESUME_FIX):
+  """(state, meta) of a workdir's checkpoint `step` (default: the newest usable one),
+  read-only, into the shardings of `abstract_state`."""
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  validate = compatibility(workdir, abstract_state, data_shape=data_shape, fix=fix)
+  try:
+    if step is None:
+      state, meta = ckpt.restore_latest(abstract_state, validate)
+      if state is None:
+        raise CheckpointError(f'no checkpoint in {ckpt.directory}; train first.')
+      return state, meta
+    if step not in ckpt.steps():
+      raise CheckpointError(f'no checkpoint at step {step} in {ckpt.directory}; '
+                            f'available: {ckpt.steps()}.')
+    return ckpt.restore(step, abstract_state, validate)
+  finally:
+    ckpt.close()
