@@ -7,10 +7,11 @@
 
 The root holds sweep.json (the points) and one workdir per point with point.json (its
 recipe and overrides), the usual training outputs, log.txt and result.json (status,
-training summary and sample metrics, written by `--point`). Rerunning the same command
-skips finished points and resumes unfinished ones from their checkpoints.
-`--point=WORKDIR` is what every job runs: train, then evaluate (see
-scm_jax/evaluation/run_metrics.py).
+training summary and sample metrics). Rerunning the same command skips finished points
+and resumes unfinished ones from their checkpoints. Every job runs `run_point` (train,
+then evaluate, see scm_jax/evaluation/run_metrics.py): the local backend as a process
+`python -m launch.sweep --point=WORKDIR`, the SLURM backend as a submitit job array
+(`PointJob`, requeued after preemption; logs in <root>/submitit/).
 """
 
 import ast
@@ -52,14 +53,18 @@ def _define_flags():
                        'end-of-run energy distances.')
   flags.DEFINE_string('eval_ema', '', "Weights for the end-of-run samples: '' = the "
                       "config's sample.ema, 'params' = raw weights (short runs).")
-  flags.DEFINE_string('python', None, 'Interpreter the jobs run (default: this one for '
-                      "local jobs, 'python' on PATH after --slurm_setup for SLURM).")
+  flags.DEFINE_string('python', None, 'Interpreter the jobs run (default: this one).')
+  flags.DEFINE_enum('slurm_cluster', 'slurm', ['slurm', 'local', 'debug'],
+                    'submitit executor of --backend=slurm: slurm (sbatch), or the same jobs '
+                    'on this machine: local (processes) / debug (in this process).')
   flags.DEFINE_string('slurm_partition', '', 'sbatch --partition.')
-  flags.DEFINE_string('slurm_time', '04:00:00', 'sbatch --time.')
-  flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job (--gres=gpu:N; 0 = none).')
+  flags.DEFINE_string('slurm_time', '04:00:00', 'sbatch --time ([D-]HH:MM[:SS]).')
+  flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job (--gpus-per-node; 0 = none).')
   flags.DEFINE_integer('slurm_cpus', 8, 'sbatch --cpus-per-task.')
   flags.DEFINE_string('slurm_mem', '', "sbatch --mem (e.g. '64G').")
-  flags.DEFINE_multi_string('slurm_extra', [], 'Extra "#SBATCH ..." option, e.g. '
+  flags.DEFINE_integer('slurm_array_parallelism', 0, 'Jobs of the array running at once '
+                       '(0 = submitit default).')
+  flags.DEFINE_multi_string('slurm_extra', [], 'Extra sbatch option, e.g. '
                             '--slurm_extra=--account=abc (repeatable).')
   flags.DEFINE_string('slurm_setup', '', 'Shell line run before the job (e.g. "module '
                       'load cuda; source .venv/bin/activate").')
@@ -193,54 +198,118 @@ def run_local(points, python, eval_num, parallel, dry_run, eval_ema=''):
   return failed
 
 
-def sbatch_script(p, manifest_sweep, python, eval_num, opts, eval_ema=''):
-  """The text of one job's sbatch script."""
-  lines = ['#!/bin/bash',
-           f'#SBATCH --job-name={os.path.splitext(os.path.basename(manifest_sweep))[0]}-{p["name"]}'[:200],
-           f'#SBATCH --output={os.path.abspath(p["workdir"])}/slurm-%j.out',
-           f'#SBATCH --time={opts["time"]}',
-           f'#SBATCH --cpus-per-task={opts["cpus"]}',
-           '#SBATCH --ntasks=1']
-  if opts['partition']:
-    lines.append(f'#SBATCH --partition={opts["partition"]}')
+def _minutes(hms: str) -> int:
+  """'[D-]HH:MM[:SS]' (sbatch --time) -> whole minutes, rounded up."""
+  try:
+    days, _, clock = hms.rpartition('-')
+    parts = [int(v) for v in clock.split(':')]
+    h, m, sec = (parts + [0, 0])[:3] if len(parts) > 1 else (0, parts[0], 0)
+    return int(days or 0) * 1440 + h * 60 + m + (1 if sec else 0)
+  except ValueError:
+    raise ConfigError(f'--slurm_time={hms!r}: expected [D-]HH:MM[:SS], e.g. 04:00:00.') from None
+
+
+def executor_parameters(opts) -> dict:
+  """submitit parameters from the --slurm_* flags (slurm_* keys apply on SLURM only)."""
+  params = {'timeout_min': _minutes(opts['time']), 'cpus_per_task': opts['cpus'],
+            'tasks_per_node': 1, 'nodes': 1,
+            # SIGUSR2 this long before the time limit: the run checkpoints and is requeued.
+            'slurm_signal_delay_s': 120}
   if opts['gpus']:
-    lines.append(f'#SBATCH --gres=gpu:{opts["gpus"]}')
+    params['gpus_per_node'] = opts['gpus']
+  if opts['partition']:
+    params['slurm_partition'] = opts['partition']
   if opts['mem']:
-    lines.append(f'#SBATCH --mem={opts["mem"]}')
-  lines += [f'#SBATCH {e}' for e in opts['extra']]
-  lines += ['set -eo pipefail', f'cd {shlex.quote(REPO)}']
+    params['slurm_mem'] = opts['mem']
   if opts['setup']:
-    lines.append(opts['setup'])
-  lines += [f'export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}',
-            'srun ' + shlex.join(point_command(p['workdir'], python, eval_num, eval_ema))]
-  return '\n'.join(lines) + '\n'
+    params['slurm_setup'] = [opts['setup']]
+  if opts['array_parallelism']:
+    params['slurm_array_parallelism'] = opts['array_parallelism']
+  extra = {}
+  for item in opts['extra']:
+    key, _, value = item.lstrip('-').partition('=')
+    if not key:
+      raise ConfigError(f'--slurm_extra={item!r}: expected --option=value, e.g. --account=abc.')
+    extra[key.replace('-', '_')] = value or True
+  if extra:
+    params['slurm_additional_parameters'] = extra
+  return params
 
 
-def run_slurm(points, manifest, root, python, eval_num, opts, dry_run, eval_ema=''):
-  """Writes <root>/slurm/<name>.sbatch per point and submits them with sbatch."""
+class PointJob:
+  """One sweep point as a submitit job: `run_point` (train, resuming; then evaluate).
+
+  Preemption relies on the project's own checkpointing: SLURM's SIGTERM, or the SIGUSR2
+  submitit asks for before the time limit, makes the training loop save a checkpoint
+  after the step in flight and raise Preempted (train/preemption.py). The job then
+  hands SIGUSR2 to submitit's handler (restored by the loop), which calls `checkpoint()`
+  and requeues the same point; the requeued job resumes from that checkpoint.
+  """
+
+  def __init__(self, workdir: str, eval_num: int, eval_ema: str = ''):
+    self.workdir, self.eval_num, self.eval_ema = workdir, eval_num, eval_ema
+
+  def __call__(self):
+    import signal  # pylint: disable=g-import-not-at-top
+    from scm_jax.train import preemption  # pylint: disable=g-import-not-at-top
+    try:
+      run_point(self.workdir, self.eval_num, self.eval_ema)
+    except preemption.Preempted as e:
+      print(f'[sweep] {e}', file=sys.stderr, flush=True)
+      os.kill(os.getpid(), signal.SIGUSR2)  # submitit: checkpoint() and requeue
+      time.sleep(600)  # its handler exits the process
+      raise
+
+  def checkpoint(self):
+    """Submitit's requeue hook: the same point again (it resumes from its workdir)."""
+    import submitit  # pylint: disable=g-import-not-at-top
+    return submitit.helpers.DelayedSubmission(PointJob(self.workdir, self.eval_num,
+                                                       self.eval_ema))
+
+
+def run_submitit(points, root, cluster, python, eval_num, opts, dry_run, eval_ema=''):
+  """Submits one submitit job per point, as one job array (SLURM); returns #failed.
+
+  cluster='slurm' submits with sbatch; 'local' runs the jobs as processes on this
+  machine and 'debug' in this process (tests, trying a sweep without a cluster).
+  """
+  import submitit  # pylint: disable=g-import-not-at-top
   from scm_jax.infra.files import atomic_write_text
-  sbatch = shutil.which('sbatch')
-  if not dry_run and sbatch is None:
+  if cluster == 'slurm' and not dry_run and shutil.which('sbatch') is None:
     raise ConfigError('sbatch is not on PATH: this machine has no SLURM. Run on the '
                       'cluster login node, use --backend=local, or --dry_run to only '
-                      'write the scripts.')
-  os.makedirs(os.path.join(root, 'slurm'), exist_ok=True)
-  jobs_path = os.path.join(root, 'slurm', 'jobs.json')
+                      'print the jobs.')
+  params = executor_parameters(opts)
+  if dry_run:
+    for p in points:
+      print(f'[sweep] would submit {p["name"]} ({cluster}): '
+            f'{PointJob.__module__}.PointJob({p["workdir"]!r})')
+    print(f'[sweep] executor parameters: {json.dumps(params, sort_keys=True)}')
+    return 0
+  folder = os.path.join(root, 'submitit')
+  kwargs = {f'{cluster}_python': python} if python and cluster != 'debug' else {}
+  executor = submitit.AutoExecutor(folder=os.path.join(folder, '%j'), cluster=cluster,
+                                   **kwargs)
+  executor.update_parameters(name=os.path.basename(os.path.normpath(root)), **params)
+  with executor.batch():
+    submitted = [(p, executor.submit(PointJob(os.path.abspath(p['workdir']), eval_num,
+                                              eval_ema))) for p in points]
+  jobs_path = os.path.join(folder, 'jobs.json')
   jobs = json.load(open(jobs_path)) if os.path.exists(jobs_path) else {}
-  for p in points:
-    path = os.path.join(root, 'slurm', f'{p["name"]}.sbatch')
-    atomic_write_text(path, sbatch_script(p, manifest['sweep'], python, eval_num, opts,
-                                          eval_ema))
-    if dry_run:
-      print(f'[sweep] wrote {path}')
-      continue
-    out = subprocess.run([sbatch, '--parsable', path], capture_output=True, text=True)
-    if out.returncode != 0:
-      raise ConfigError(f'sbatch {path} failed: {out.stderr.strip()}')
-    jobs[p['name']] = out.stdout.strip().split(';')[0]
-    atomic_write_text(jobs_path, json.dumps(jobs, indent=2))
-    print(f'[sweep] submitted {p["name"]} as job {jobs[p["name"]]}')
-  return 0
+  jobs.update({p['name']: job.job_id for p, job in submitted})
+  atomic_write_text(jobs_path, json.dumps(jobs, indent=2))
+  for p, job in submitted:
+    print(f'[sweep] submitted {p["name"]} as job {job.job_id}', flush=True)
+  if cluster == 'slurm':
+    return 0
+  failed = 0
+  for p, job in submitted:  # local / debug: wait, as the local backend does
+    try:
+      job.result()
+    except Exception as e:  # pylint: disable=broad-except
+      failed += 1
+      print(f'[sweep] FAILED {p["name"]}: {(str(e).splitlines() or [""])[-1]}', flush=True)
+  return failed
 
 
 # --------------------------------------------------------------------- one point
@@ -290,7 +359,12 @@ def run_point(workdir, eval_num, eval_ema=''):
 def main(argv):
   del argv
   if FLAGS.point:
-    return run_point(FLAGS.point, FLAGS.eval_num, FLAGS.eval_ema)
+    from scm_jax.train import preemption
+    try:
+      return run_point(FLAGS.point, FLAGS.eval_num, FLAGS.eval_ema)
+    except preemption.Preempted as e:  # checkpoint saved: exit 128 + signal, no traceback
+      print(f'[sweep] {e}', file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
   if not FLAGS.sweep:
     raise ConfigError('--sweep=configs/sweeps/<name>.py is required.')
   name = os.path.splitext(os.path.basename(FLAGS.sweep))[0]
@@ -308,10 +382,11 @@ def main(argv):
   else:
     opts = {'partition': FLAGS.slurm_partition, 'time': FLAGS.slurm_time,
             'gpus': FLAGS.slurm_gpus, 'cpus': FLAGS.slurm_cpus, 'mem': FLAGS.slurm_mem,
-            'extra': FLAGS.slurm_extra, 'setup': FLAGS.slurm_setup}
-    failed = run_slurm(todo, manifest, root, FLAGS.python or 'python', FLAGS.eval_num,
-                       opts, FLAGS.dry_run, FLAGS.eval_ema)
-  if not FLAGS.dry_run and FLAGS.backend == 'local':
+            'extra': FLAGS.slurm_extra, 'setup': FLAGS.slurm_setup,
+            'array_parallelism': FLAGS.slurm_array_parallelism}
+    failed = run_submitit(todo, root, FLAGS.slurm_cluster, FLAGS.python, FLAGS.eval_num,
+                          opts, FLAGS.dry_run, FLAGS.eval_ema)
+  if not FLAGS.dry_run and (FLAGS.backend == 'local' or FLAGS.slurm_cluster != 'slurm'):
     print(f'[sweep] finished; table: python -m scm_jax.report --root={root}', flush=True)
   if failed:
     print(f'error: {failed} job(s) failed; see their log.txt.', file=sys.stderr)

@@ -4,6 +4,8 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -163,29 +165,92 @@ def test_local_sweep_runs_points_and_report_tables_them(tmp_path):
   assert helpers.tree_digest(root) == before
 
 
-def test_slurm_backend_writes_sbatch_scripts(tmp_path):
+FAKE_SBATCH = """#!/usr/bin/env bash
+# Stands in for SLURM's sbatch: keeps the submitted script, answers with a job id.
+cp "${@: -1}" "$FAKE_SBATCH_DIR/submitted.sh"
+echo "Submitted batch job 4242"
+"""
+
+
+def test_slurm_backend_submits_a_submitit_job_array(tmp_path):
+  """--backend=slurm goes through submitit: one sbatch job array with the --slurm_* options,
+  SIGUSR2 before the time limit; without SLURM, one clear error line."""
   root = str(tmp_path / 'slurm_sweep')
   args = ['--sweep=configs/sweeps/toy_stability.py', '--base=configs/toy2d_sct.py',
           f'--root={root}', '--backend=slurm', '--slurm_partition=gpu', '--slurm_gpus=2',
-          '--slurm_extra=--account=abc', '--slurm_setup=source .venv/bin/activate',
-          '--eval_ema=params']
+          '--slurm_time=01:30:00', '--slurm_extra=--account=abc',
+          '--slurm_setup=source .venv/bin/activate', '--eval_ema=params', '--only=0,10']
   p = helpers.run_module('launch.sweep', *args, '--dry_run')
   manifest = json.load(open(os.path.join(root, 'sweep.json')))
-  assert len(manifest['points']) == 13 and p.stdout.count('wrote ') == 13
-  name = manifest['points'][10]['name']
-  assert name == 'p10_tscale-1000'
-  script = open(os.path.join(root, 'slurm', f'{name}.sbatch')).read()
-  for line in ('#SBATCH --partition=gpu', '#SBATCH --gres=gpu:2', '#SBATCH --account=abc',
-               'source .venv/bin/activate',
-               'srun python -m launch.sweep --point=' + os.path.abspath(os.path.join(root, name)),
-               '--eval_ema=params'):
-    assert line in script, script
-  point = json.load(open(os.path.join(root, name, 'point.json')))
+  assert len(manifest['points']) == 13 and p.stdout.count('would submit') == 2
+  assert manifest['points'][10]['name'] == 'p10_tscale-1000'
+  assert '"slurm_partition": "gpu"' in p.stdout and '"timeout_min": 90' in p.stdout
+  point = json.load(open(os.path.join(root, 'p10_tscale-1000', 'point.json')))
   assert point['overrides']['model.time_embed_scale'] == 1000.0
   assert point['overrides']['train.num_steps'] == 2000
-  # Without --dry_run and without SLURM: one clear error line, exit 2.
+
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'sbatch').write_text(FAKE_SBATCH)
+  (bin_dir / 'srun').write_text('#!/usr/bin/env bash\nexit 1\n')  # submitit looks for it
+  for tool in ('sbatch', 'srun'):
+    os.chmod(bin_dir / tool, 0o755)
+  env = dict(helpers.env(), PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
+             FAKE_SBATCH_DIR=str(tmp_path))
+  p = subprocess.run([sys.executable, '-m', 'launch.sweep', *args], cwd=helpers.REPO, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr
+  script = open(tmp_path / 'submitted.sh').read()
+  for line in ('#SBATCH --partition=gpu', '#SBATCH --gpus-per-node=2', '#SBATCH --account=abc',
+               '#SBATCH --array=0-1', '#SBATCH --signal=USR2@120', '#SBATCH --time=90',
+               'source .venv/bin/activate', 'submitit.core._submit'):
+    assert line in script, (line, script)
+  jobs = json.load(open(os.path.join(root, 'submitit', 'jobs.json')))
+  assert jobs == {manifest['points'][0]['name']: '4242_0', 'p10_tscale-1000': '4242_1'}
+  # Without SLURM (and no --dry_run): one clear error line, exit 2.
   p = helpers.run_module('launch.sweep', *args, check=False)
   assert p.returncode == 2 and 'error: sbatch is not on PATH' in p.stderr
+
+
+@pytest.mark.slow  # one tiny point trained twice over (~1-2 min on 2 cores)
+def test_submitit_job_checkpoints_on_sigterm_and_is_requeued(tmp_path):
+  """A point run by submitit's local executor: SIGTERM mid-training makes the loop save a
+  checkpoint, the job is requeued through submitit and resumes from it to the end."""
+  import signal
+  import time
+  root = str(tmp_path / 'sweep')
+  sweep = _write_sweep(tmp_path / 'one.py', [{'optim.lr': 1e-3}])
+  tiny = {**TINY_TOY, 'train.num_steps': 400, 'train.ckpt_every': 1000}
+  args = [f'--sweep={sweep}', '--base=configs/toy2d_sct.py', f'--root={root}',
+          '--backend=slurm', '--slurm_cluster=local', '--slurm_time=00:30:00',
+          '--eval_num=256'] + [f'--set={k}={v}' for k, v in tiny.items()]
+  proc = subprocess.Popen([sys.executable, '-m', 'launch.sweep', *args], cwd=helpers.REPO,
+                          env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  workdir = os.path.join(root, 'p00')
+  jobs_path = os.path.join(root, 'submitit', 'jobs.json')
+  deadline = time.time() + 600
+  while time.time() < deadline:  # until the job has logged a few steps
+    if os.path.exists(jobs_path) and len(run_metrics_rows(workdir)) >= 2:
+      break
+    time.sleep(0.5)
+  controller = int(json.load(open(jobs_path))['p00'])
+  os.kill(controller, signal.SIGTERM)  # the local executor forwards it to the job
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out
+  logs = ''.join(open(os.path.join(d, f)).read() for d, _, fs in os.walk(root) for f in fs
+                 if f.endswith(('.out', '.err')))
+  stopped = [l for l in logs.splitlines() if 'stopped by SIGTERM after step' in l]
+  assert stopped and 'Requeued job' in logs, logs
+  step = int(stopped[0].split('after step ')[1].split(';')[0])
+  assert 0 < step < 400 and f'resumed from step {step}' in logs, logs
+  result = json.load(open(os.path.join(workdir, 'result.json')))
+  assert result['metrics']['final_step'] == 400 and result['metrics']['eval_step'] == 400
+
+
+def run_metrics_rows(workdir):
+  from scm_jax.infra import files
+  return files.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
 
 
 def test_bad_sweep_file_is_one_error_line(tmp_path):

@@ -1,10 +1,13 @@
 """Preemption: SIGTERM / SIGINT become a checkpoint at the next step boundary and a clean exit.
 
 Cluster schedulers (SLURM, Kubernetes, TPU maintenance events) send SIGTERM some seconds
-before they kill a job; a user stops a run with Ctrl-C (SIGINT). Either way the loop
+before they kill a job; SLURM sends SIGUSR2 before the time limit when asked to
+(`--signal=USR2@T`, as submitit does); a user stops a run with Ctrl-C (SIGINT). Either way
+the loop
 finishes the step in flight, saves a checkpoint of it, waits for the write to complete
 and raises `Preempted`; the CLI then exits with status 128 + signal (143 for SIGTERM,
-130 for SIGINT), which schedulers and retry wrappers read as "interrupted, relaunch".
+130 for SIGINT, 140 for SIGUSR2), which schedulers and retry wrappers read as
+"interrupted, relaunch".
 Relaunching the same command resumes from that checkpoint, bit-exactly.
 
 One process: a Python signal handler sets a flag that the loop reads after each step.
@@ -24,7 +27,7 @@ from typing import Optional
 
 import jax
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
 class Preempted(Exception):
