@@ -1,16 +1,22 @@
 """Tests for scm_jax.data: sources, config building and the batch stream."""
 
+import gc
 import json
+import logging
+import mmap
 import os
+import pickle
+import time
 
+import grain
 import numpy as np
 from PIL import Image
 import pytest
 from sklearn import datasets as sk_datasets
 
 from scm_jax import data
-from scm_jax.data import toy2d
-from scm_jax.data.base import ArraySource, BatchIterator, batch_indices
+from scm_jax.data import pipeline, toy2d
+from scm_jax.data.base import ArraySource
 from scm_jax.errors import ConfigError, DataError
 
 
@@ -20,14 +26,22 @@ def _config(**overrides):
   return config
 
 
-def _range_source(n):
+def _range_source(n, labels=None, num_classes=0):
   """Source whose example i is the vector [i]: batches reveal their indices."""
-  return ArraySource(np.arange(n, dtype=np.float32)[:, None], None,
-                     num_classes=0, name='range')
+  return ArraySource(np.arange(n, dtype=np.float32)[:, None], labels,
+                     num_classes=num_classes, name='range')
 
 
-def _take(iterator, k):
-  return [next(iterator)['x'][:, 0].astype(int) for _ in range(k)]
+def _take(stream, k):
+  return [next(stream)['x'][:, 0].astype(int) for _ in range(k)]
+
+
+def _wait_until_full(stream, timeout=30.0):
+  """Waits until the prefetch thread has filled its queue."""
+  deadline = time.monotonic() + timeout
+  while not stream._queue.full():  # pylint: disable=protected-access
+    assert time.monotonic() < deadline, 'prefetch queue never filled'
+    time.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------
@@ -42,120 +56,360 @@ def test_default_config_has_every_key():
       'seed': 0, 'image_size': 0, 'path': '', 'expected_shape': (),
       'labels_from_subdirs': False, 'channels': 3, 'tfds_name': 'cifar10',
       'data_dir': '', 'download': False, 'image_key': 'image',
-      'label_key': 'label', 'use_labels': False, 'prefetch': 2, 'latents': False,
+      'label_key': 'label', 'use_labels': False, 'prefetch': 2,
+      'worker_count': 0, 'latents': False,
   }
   assert config.to_dict() == expected
 
 
-def test_batch_indices_follow_epoch_permutations():
-  n, batch, seed = 7, 3, 5
-  stream = np.concatenate(
-      [np.random.default_rng([seed, e]).permutation(n) for e in range(4)])
-  for step in range(9):
-    np.testing.assert_array_equal(
-        batch_indices(step, n, batch, seed),
-        stream[step * batch:(step + 1) * batch])
-
-
 @pytest.mark.parametrize('n,batch', [(10, 4), (12, 4), (5, 8)])
 def test_every_epoch_covers_each_index_once(n, batch):
-  steps = 4 * n // batch + 2
-  stream = np.concatenate([batch_indices(s, n, batch, 0) for s in range(steps)])
-  for epoch in range(len(stream) // n):
-    assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
+  with data.make_stream(_range_source(n), batch, 0, prefetch=0) as stream:
+    flat = np.concatenate(_take(stream, 4 * n // batch + 2))
+  for epoch in range(len(flat) // n):
+    assert sorted(flat[epoch * n:(epoch + 1) * n]) == list(range(n))
 
 
 def test_epochs_are_reshuffled():
-  assert not np.array_equal(batch_indices(0, 100, 100, 0),
-                            batch_indices(1, 100, 100, 0))
+  with data.make_stream(_range_source(100), 100, 0, prefetch=0) as stream:
+    epochs = _take(stream, 3)
+  assert not np.array_equal(epochs[0], epochs[1])
+  assert not np.array_equal(epochs[1], epochs[2])
 
 
-def test_processes_partition_the_global_batch():
-  for step in range(5):
-    full = batch_indices(step, 50, 8, 3)
-    parts = [batch_indices(step, 50, 8, 3, process_index=p, process_count=2)
-             for p in range(2)]
-    assert all(len(p) == 4 for p in parts)
-    np.testing.assert_array_equal(np.concatenate(parts), full)
+def test_neighbouring_seeds_share_no_epoch():
+  # grain shuffles epoch e with seed + e; sampler_seed hashes the seed so that
+  # seed 1 is not seed 0 shifted by one epoch.
+  streams = [data.make_stream(_range_source(50), 50, seed, prefetch=0)
+             for seed in (0, 1)]
+  first, second = [_take(s, 3) for s in streams]
+  for a in first:
+    for b in second:
+      assert not np.array_equal(a, b)
 
 
-def test_process_iterators_partition_the_global_batch():
-  source = _range_source(30)
-  full = _take(BatchIterator(source, 8, 1, prefetch=0), 6)
-  parts = [_take(BatchIterator(source, 8, 1, process_index=p, process_count=2,
-                               prefetch=0), 6) for p in range(2)]
-  for step in range(6):
-    np.testing.assert_array_equal(
-        np.concatenate([parts[0][step], parts[1][step]]), full[step])
+def test_processes_read_disjoint_shards_that_cover_the_records():
+  n = 21  # Odd: the last record is dropped so that the shards are equal.
+  epochs = []
+  for p in range(2):
+    with data.make_stream(_range_source(n), 20, 3, process_index=p,
+                          process_count=2, prefetch=0) as stream:
+      flat = np.concatenate(_take(stream, 4))  # 4 epochs of the 10-record shard.
+    shard = sorted(flat[:10])
+    for epoch in range(4):
+      assert sorted(flat[epoch * 10:(epoch + 1) * 10]) == shard
+    epochs.append(flat[:10])
+  assert sorted(np.concatenate(epochs)) == list(range(n - 1))
+  # Each process shuffles with its own permutation (sampler_seed).
+  assert not np.array_equal(epochs[0], epochs[1] - 10)
 
 
-def test_indivisible_batch_is_config_error():
+def test_sampler_reads_what_grains_index_sampler_reads():
+  for process in range(3):
+    kwargs = dict(num_records=20, shuffle=True, num_epochs=None, seed=5,
+                  shard_options=grain.sharding.ShardOptions(process, 3, True))
+    ours = pipeline.IndexSampler(**kwargs)
+    grains = grain.samplers.IndexSampler(**kwargs)
+    assert repr(ours) == repr(grains)  # What grain checks on restore.
+    for i in range(process, 200, 3):
+      assert ours[i].record_key == grains[i].record_key and ours[i].rng is None
+
+
+def test_global_batch_is_the_processes_batches_in_order():
+  batches = []
+  for p in range(2):
+    with data.make_stream(_range_source(32), 8, 1, process_index=p,
+                          process_count=2, prefetch=0) as stream:
+      batch = next(stream)
+      assert batch['x'].shape == (4, 1) and stream.local_batch_size == 4
+      batches.append(batch['x'][:, 0])
+  global_batch = np.concatenate(batches)
+  assert (global_batch[:4] < 16).all() and (global_batch[4:] >= 16).all()
+
+
+def test_indivisible_batch_and_bad_arguments_are_config_errors():
+  assert data.per_process_batch(12, 4) == 3
   with pytest.raises(ConfigError, match='divisible'):
-    BatchIterator(_range_source(10), 7, 0, process_count=2)
-  with pytest.raises(ConfigError):
-    batch_indices(0, 10, 7, 0, process_index=0, process_count=2)
+    data.per_process_batch(7, 2)
+  with pytest.raises(ConfigError, match='divisible'):
+    data.make_stream(_range_source(10), 7, 0, process_count=2)
+  with pytest.raises(ConfigError, match='positive'):
+    data.make_stream(_range_source(10), 0, 0)
+  with pytest.raises(ConfigError, match='process_index'):
+    data.make_stream(_range_source(10), 4, 0, process_index=2, process_count=2)
+  with pytest.raises(ConfigError, match='seed'):
+    data.make_stream(_range_source(10), 4, -1)
+  with pytest.raises(ConfigError, match='data.prefetch'):
+    data.make_stream(_range_source(10), 4, 0, prefetch=-1)
+  with pytest.raises(ConfigError, match='data.worker_count'):
+    data.make_stream(_range_source(10), 4, 0, worker_count=-1)
+
+
+def test_config_validates_prefetch_and_worker_count():
+  with pytest.raises(ConfigError, match='data.worker_count'):
+    data.build_source(_config(worker_count=-2), 'train')
+  with pytest.raises(ConfigError, match='data.prefetch'):
+    data.build_source(_config(prefetch=-1), 'train')
+
+
+def test_tiny_dataset_warns_and_empty_shard_is_data_error(caplog):
+  with caplog.at_level(logging.WARNING):
+    with data.make_stream(_range_source(3), 8, 0, prefetch=0) as stream:
+      flat = np.concatenate(_take(stream, 3))
+  assert 'fewer than the global batch size 8' in caplog.text
+  assert sorted(flat[:3]) == [0, 1, 2]  # Tiny datasets repeat.
+  with pytest.raises(DataError, match='1 examples, fewer than the 2 processes'):
+    data.make_stream(_range_source(1), 2, 0, process_count=2)
 
 
 @pytest.mark.parametrize('prefetch', [0, 2])
 def test_same_seed_same_batches_different_seed_different(prefetch):
   source = _range_source(40)
-  with BatchIterator(source, 16, 0, prefetch=prefetch) as a, \
-       BatchIterator(source, 16, 0, prefetch=prefetch) as b, \
-       BatchIterator(source, 16, 1, prefetch=prefetch) as c:
+  with data.make_stream(source, 16, 0, prefetch=prefetch) as a, \
+       data.make_stream(source, 16, 0, prefetch=prefetch) as b, \
+       data.make_stream(source, 16, 1, prefetch=prefetch) as c:
     first, second, other = _take(a, 6), _take(b, 6), _take(c, 6)
   np.testing.assert_array_equal(first, second)
   assert not np.array_equal(first, other)
 
 
-@pytest.mark.parametrize('prefetch', [0, 3])
-def test_resume_from_start_step_is_bit_identical(prefetch):
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_resume_from_state_is_bit_identical(prefetch):
   source = _range_source(23)
-  reference = _take(BatchIterator(source, 5, 7, prefetch=0), 12)
-  with BatchIterator(source, 5, 7, start_step=4, prefetch=prefetch) as it:
+  with data.make_stream(source, 5, 7, prefetch=0) as stream:
+    reference = _take(stream, 12)
+  with data.make_stream(source, 5, 7, prefetch=prefetch) as stream:
+    _take(stream, 4)
+    state = stream.get_state()
+  assert isinstance(state, bytes) and json.loads(state)['step'] == 4
+  with data.make_stream(source, 5, 7, prefetch=prefetch, state=state) as it:
+    assert it.step == 4
     np.testing.assert_array_equal(_take(it, 8), reference[4:])
-    assert it.state() == {'step': 12, 'seed': 7, 'global_batch_size': 5}
+    assert json.loads(it.get_state())['step'] == 12
 
 
 @pytest.mark.parametrize('prefetch', [0, 2])
-def test_state_restore_round_trip(prefetch):
+def test_set_state_moves_a_running_stream(prefetch):
   source = _range_source(23)
-  with BatchIterator(source, 5, 7, prefetch=prefetch) as it:
-    _take(it, 3)
-    state = json.loads(json.dumps(it.state()))  # Must survive JSON.
-    after = _take(it, 4)
-  with BatchIterator(source, 5, 7, prefetch=prefetch) as fresh:
-    _take(fresh, 9)  # Move elsewhere (and fill the prefetch queue) first.
-    fresh.restore(state)
-    np.testing.assert_array_equal(_take(fresh, 4), after)
+  with data.make_stream(source, 5, 7, prefetch=prefetch) as stream:
+    _take(stream, 3)
+    state = stream.get_state()
+    after = _take(stream, 4)
+    _take(stream, 5)  # Move elsewhere (and fill the prefetch queue) first.
+    stream.set_state(state)
+    np.testing.assert_array_equal(_take(stream, 4), after)
 
 
-def test_restore_with_other_seed_is_config_error():
-  it = BatchIterator(_range_source(10), 2, 0, prefetch=0)
-  with pytest.raises(ConfigError, match='seed'):
-    it.restore({'step': 3, 'seed': 1, 'global_batch_size': 2})
+def test_consumer_state_never_counts_prefetched_batches():
+  source = _range_source(50)
+  with data.make_stream(source, 4, 0, prefetch=0) as stream:
+    reference = _take(stream, 6)
+  with data.make_stream(source, 4, 0, prefetch=3) as stream:
+    _take(stream, 2)
+    _wait_until_full(stream)  # The thread is 3 batches ahead.
+    state = stream.get_state()
+    assert stream.step == 2 and json.loads(state)['step'] == 2
+  with data.make_stream(source, 4, 0, prefetch=3, state=state) as stream:
+    np.testing.assert_array_equal(_take(stream, 4), reference[2:])
 
 
-def test_prefetch_thread_propagates_errors_and_closes():
+def test_close_keeps_the_position():
+  source = _range_source(30)
+  with data.make_stream(source, 4, 2, prefetch=0) as stream:
+    reference = _take(stream, 5)
+  stream = data.make_stream(source, 4, 2, prefetch=2)
+  _take(stream, 2)
+  _wait_until_full(stream)
+  stream.close()
+  np.testing.assert_array_equal(_take(stream, 3), reference[2:])
+  stream.close()
 
-  class Broken(ArraySource):
 
-    def get(self, indices):
-      raise DataError('broken.png is corrupt')
+def test_batch_size_may_change_on_resume(caplog):
+  source = _range_source(40)
+  with data.make_stream(source, 8, 0, prefetch=0) as stream:
+    flat = np.concatenate(_take(stream, 4))
+  with data.make_stream(source, 8, 0, prefetch=0) as stream:
+    _take(stream, 1)
+    state = stream.get_state()
+  with caplog.at_level(logging.WARNING):
+    with data.make_stream(source, 4, 0, prefetch=0, state=state) as stream:
+      resumed = np.concatenate(_take(stream, 6))
+  assert 'global batch size 4 (saved with 8)' in caplog.text
+  np.testing.assert_array_equal(resumed, flat[8:32])
 
-  it = BatchIterator(Broken(np.zeros((4, 1)), None, num_classes=0, name='b'),
-                     2, 0, prefetch=2)
-  with pytest.raises(DataError, match='broken.png'):
-    next(it)
-  assert it._thread is None  # pylint: disable=protected-access
+
+def test_restore_into_another_stream_is_config_error():
+  source = _range_source(10)
+  with data.make_stream(source, 2, 0, prefetch=0) as stream:
+    next(stream)
+    state = stream.get_state()
+  others = {
+      'seed': dict(source=source, seed=1),
+      'process_count': dict(source=source, process_count=2),
+      'source': dict(source=_range_source(11)),
+  }
+  for key, kwargs in others.items():
+    kwargs = {'source': source, 'seed': 0, **kwargs}
+    stream = data.make_stream(kwargs.pop('source'), 2, kwargs.pop('seed'),
+                              prefetch=0, **kwargs)
+    with pytest.raises(ConfigError, match=f'has {key}=.*original value'):
+      stream.set_state(state)
+  with pytest.raises(ConfigError, match='get_state'):
+    data.make_stream(source, 2, 0, state=b'{"step": 3}')
+
+
+def test_restore_with_other_worker_count_is_config_error():
+  with data.make_stream(_range_source(10), 2, 0, prefetch=0) as stream:
+    state = stream.get_state()
+  stream = data.make_stream(_range_source(10), 2, 0, worker_count=2)
+  with pytest.raises(ConfigError, match='keep data.worker_count=0'):
+    stream.set_state(state)
+  stream.close()
+
+
+class _Broken(ArraySource):
+
+  def decode(self, record):
+    raise DataError('broken.png is corrupt')
+
+
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_source_errors_propagate_and_stop_the_thread(prefetch):
+  stream = data.make_stream(
+      _Broken(np.zeros((4, 1), np.float32), None, num_classes=0, name='b'),
+      2, 0, prefetch=prefetch)
+  with pytest.raises(DataError, match='broken.png is corrupt'):
+    next(stream)
+  assert stream._thread is None and stream._it is None  # pylint: disable=protected-access
+  with pytest.raises(DataError, match='broken.png'):  # A retry fails alike.
+    next(stream)
+  assert stream.step == 0
+
+
+def test_dropping_a_stream_stops_its_thread():
+  stream = data.make_stream(_range_source(20), 4, 0, prefetch=2)
+  next(stream)
+  thread = stream._thread  # pylint: disable=protected-access
+  assert thread.is_alive()
+  del stream
+  gc.collect()
+  thread.join(timeout=10)
+  assert not thread.is_alive()
+
+
+class _BadDecode(ArraySource):
+  """Decodes to whatever the test asks for."""
+
+  def __init__(self, x, labels, num_classes, bad):
+    super().__init__(x, labels, num_classes=num_classes, name='custom')
+    self.bad = bad
+
+  def decode(self, record):
+    return dict(super().decode(record), **self.bad)
+
+
+@pytest.mark.parametrize('bad,classes,match', [
+    ({'x': np.zeros(3, np.float32)}, 0, r'float32 \(3,\), expected float32 \(2,\)'),
+    ({'x': np.zeros(2, np.float64)}, 0, 'float64'),
+    ({'label': np.int32(5)}, 3, r'labels span \[5, 5\] but the source has 3'),
+])
+def test_custom_source_examples_and_batches_are_checked(bad, classes, match):
+  source = _BadDecode(np.zeros((8, 2), np.float32), np.zeros(8, np.int32),
+                      classes, bad)
+  with data.make_stream(source, 4, 0, prefetch=1) as stream:
+    with pytest.raises(DataError, match=f"'custom'.*{match}"):
+      next(stream)
 
 
 def test_batch_contents_and_dtypes():
   source = data.build_source(_config(name='toy2d', toy='ring8',
                                      num_train=100), 'train')
-  with BatchIterator(source, 32, 0, process_index=1, process_count=2) as it:
+  with data.make_stream(source, 32, 0, process_index=1, process_count=2) as it:
     batch = next(it)
   assert batch['x'].shape == (16, 2) and batch['x'].dtype == np.float32
   assert batch['label'].shape == (16,) and batch['label'].dtype == np.int32
+  full = source.get(np.arange(len(source)))
+  rows = [np.flatnonzero((full['x'] == row).all(1))[0] for row in batch['x']]
+  assert min(rows) >= 50  # Process 1 reads the second half.
+  np.testing.assert_array_equal(full['label'][rows], batch['label'])
+
+
+def test_orbax_checkpoint_round_trip(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  source = _range_source(37)
+  with data.make_stream(source, 6, 4, prefetch=0) as stream:
+    reference = _take(stream, 10)
+  checkpointer = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
+  with data.make_stream(source, 6, 4, prefetch=2) as stream:
+    _take(stream, 3)
+    _wait_until_full(stream)
+    checkpointer.save(tmp_path / 'data',
+                      args=grain.checkpoint.CheckpointSave(item=stream))
+  saved = json.loads((tmp_path / 'data' / 'process_0-of-1.json').read_text())
+  assert saved['step'] == 3
+  with data.make_stream(source, 6, 4, prefetch=2) as fresh:
+    _take(fresh, 5)
+    restored = checkpointer.restore(
+        tmp_path / 'data', args=grain.checkpoint.CheckpointRestore(item=fresh))
+    assert restored is fresh and fresh.step == 3
+    np.testing.assert_array_equal(_take(fresh, 7), reference[3:])
+
+
+# ----------------------------------------------------------------------------
+# grain worker processes (each stream starts processes: seconds apiece).
+
+
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_worker_stream_resumes_bit_identically(prefetch):
+  source = _range_source(23, labels=np.arange(23) % 5, num_classes=5)
+  with data.make_stream(source, 4, 7, worker_count=2,
+                        prefetch=prefetch) as stream:
+    first = _take(stream, 3)
+    state = stream.get_state()
+    after = _take(stream, 4)
+    stream.set_state(state)
+    assert stream.step == 3
+    np.testing.assert_array_equal(_take(stream, 4), after)
+  flat = np.concatenate(first + after)
+  assert sorted(flat[:23]) == list(range(23))  # Still one pass per epoch.
+  with data.make_stream(source, 4, 7, prefetch=0) as single:
+    # Worker w batches records w, w + 2, ...: other batches than W = 0.
+    assert not np.array_equal(_take(single, 3), first)
+
+
+def test_worker_errors_propagate_with_the_source_message():
+  stream = data.make_stream(
+      _Broken(np.zeros((4, 1), np.float32), None, num_classes=0, name='b'),
+      2, 0, worker_count=2, prefetch=2)
+  with pytest.raises(DataError, match='broken.png is corrupt'):
+    next(stream)
+  assert stream._thread is None and stream._it is None  # pylint: disable=protected-access
+
+
+def _is_memory_mapped(array):
+  while array is not None and not isinstance(array, mmap.mmap):
+    array = getattr(array, 'base', None)
+  return array is not None
+
+
+def test_memmapped_npy_pickles_by_path_and_feeds_workers(tmp_path):
+  x = np.arange(4096 * 64, dtype=np.float32).reshape(4096, 64)  # 1 MiB.
+  np.save(tmp_path / 'big.npy', x)
+  np.save(tmp_path / 'big.labels.npy', np.arange(4096) % 3)
+  source = _array_source(tmp_path / 'big.npy')
+  pickled = pickle.dumps(source)
+  assert len(pickled) < 64 * 1024  # The labels, not the data.
+  copy = pickle.loads(pickled)
+  assert _is_memory_mapped(copy._x)  # pylint: disable=protected-access
+  assert repr(copy) == repr(source)
+  np.testing.assert_array_equal(copy.get(np.arange(5))['x'], x[:5])
+  with data.make_stream(source, 32, 0, worker_count=2, prefetch=1) as stream:
+    for _ in range(3):
+      batch = next(stream)
+      rows = batch['x'][:, 0].astype(int) // 64
+      np.testing.assert_array_equal(batch['x'], x[rows])
+      np.testing.assert_array_equal(batch['label'], rows % 3)
 
 
 # ----------------------------------------------------------------------------
@@ -426,7 +680,7 @@ def test_tfds_mock_cifar10():
     source = data.build_source(_config(name='tfds'), 'train')
     assert len(source) == 12 and source.shape == (32, 32, 3)
     assert source.num_classes == 10
-    with BatchIterator(source, 4, 0, prefetch=1) as it:
+    with data.make_stream(source, 4, 0, prefetch=1) as it:
       batch = next(it)
     small = data.build_source(_config(name='tfds', image_size=16), 'test')
     small_batch = small.get(np.arange(3))

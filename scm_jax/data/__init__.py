@@ -1,12 +1,19 @@
-"""Data sources and the deterministic training batch stream.
+"""Data sources and the deterministic training batch stream (grain).
 
 Typical use:
 
   source = build_source(config.data, config.data.split)
-  batches = BatchIterator(source, global_batch_size, seed=config.data.seed,
-                          process_index=jax.process_index(),
-                          process_count=jax.process_count(),
-                          prefetch=config.data.prefetch)
+  stream = make_stream(source, global_batch_size, seed=config.seed,
+                       process_index=jax.process_index(),
+                       process_count=jax.process_count(),
+                       worker_count=config.data.worker_count,
+                       prefetch=config.data.prefetch)
+  batch = next(stream)
+  state = stream.get_state()  # bytes; stream.set_state(state) resumes.
+
+Evaluation and reference sets read sources directly:
+`source.get(np.arange(n))['x']`. See pipeline.py for the stream's order and
+what a resumed run must keep (seed, process count, data.worker_count).
 
 For 'array' and 'folder', a `{split}` placeholder in data.path selects
 per-split files (e.g. '/data/{split}.npz'); without one every split reads the
@@ -18,13 +25,16 @@ from typing import Callable, Dict
 import ml_collections
 
 from scm_jax.data import arrays, digits, image_folder, tfds_source, toy2d
-from scm_jax.data.base import (ArraySource, Batch, BatchIterator, DataSource,
-                               batch_indices, resize_image)
+from scm_jax.data.base import ArraySource, Batch, DataSource, resize_image
+from scm_jax.data.pipeline import (BatchStream, check_batch,
+                                   check_loader_options, make_stream,
+                                   per_process_batch)
 from scm_jax.errors import ConfigError
 
 __all__ = [
-    'ArraySource', 'Batch', 'BatchIterator', 'DataSource', 'SOURCES',
-    'batch_indices', 'build_source', 'default_data_config', 'resize_image',
+    'ArraySource', 'Batch', 'BatchStream', 'DataSource', 'SOURCES',
+    'build_source', 'check_batch', 'check_data_config', 'default_data_config',
+    'make_stream', 'per_process_batch', 'resize_image',
 ]
 
 # name -> builder(data_config, split) -> DataSource.
@@ -45,6 +55,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       'eval_split': 'test',
       'use_labels': False,  # Read by the model config (class conditioning).
       'prefetch': 2,  # Batches loaded ahead in a background thread; 0 = off.
+      # grain worker processes decoding examples; 0 = in the training process.
+      # Part of the stream's identity: resume with the same value.
+      'worker_count': 0,
       'image_size': 0,  # 0 = native; else center-crop and resize (images).
       # toy2d.
       'toy': 'ring8',  # ring8 | moons | checkerboard | swissroll | gaussian.
@@ -70,13 +83,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   })
 
 
-def _check_common(data_config):
+def check_data_config(data_config) -> None:
+  """ConfigError for invalid source-independent data settings."""
   if data_config.get('image_size', 0) < 0:
     raise ConfigError(f'data.image_size must be >= 0 (0 = native), got '
                       f'{data_config.image_size}.')
-  if data_config.get('prefetch', 0) < 0:
-    raise ConfigError(f'data.prefetch must be >= 0, got '
-                      f'{data_config.prefetch}.')
+  check_loader_options(data_config.get('prefetch', 0),
+                       data_config.get('worker_count', 0))
 
 
 def build_source(data_config, split: str) -> DataSource:
@@ -85,5 +98,5 @@ def build_source(data_config, split: str) -> DataSource:
   if name not in SOURCES:
     raise ConfigError(f'Unknown data source data.name={name!r}; choose one '
                       f'of {sorted(SOURCES)}.')
-  _check_common(data_config)
+  check_data_config(data_config)
   return SOURCES[name](data_config, split)

@@ -9,9 +9,11 @@ Accepted layouts (N examples):
 Image pixels must be uint8 (mapped to [-1, 1]) or float already in [-1, 1].
 Integer arrays of another dtype are accepted when all values lie in 0..255.
 Files are loaded with allow_pickle=False; `.npy` files are memory-mapped, so
-large datasets are not read into memory up front.
+large datasets are not read into memory up front, and a memory-mapped source
+pickles by path (grain workers re-open the file instead of copying it).
 """
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -122,6 +124,21 @@ def _check_labels(labels: np.ndarray, n: int, path: str) -> np.ndarray:
   return labels.astype(np.int32)
 
 
+def _mapped_view(x: np.ndarray, path: str) -> np.ndarray:
+  """The array a source keeps of a memory-mapped .npy, without copying it."""
+  x = _check_layout(x, path)
+  return x if x.dtype == np.uint8 else np.asarray(x, np.float32)
+
+
+def _reopen_npy(path: str, shape: Tuple[int, ...], dtype: str) -> np.ndarray:
+  """Re-opens a validated .npy memory map (in a grain worker process)."""
+  x = _mapped_view(np.load(path, mmap_mode='r', allow_pickle=False), path)
+  if x.shape != shape or x.dtype != np.dtype(dtype):
+    raise DataError(f'Array file {path} changed while in use (now {x.dtype} '
+                    f'{x.shape}, was {dtype} {shape}); restart the run.')
+  return x
+
+
 def load_array_source(path: str, *, image_size: int = 0,
                       expected_shape: Tuple[int, ...] = (),
                       latents: bool = False) -> ArraySource:
@@ -139,13 +156,21 @@ def load_array_source(path: str, *, image_size: int = 0,
   if latents and x.dtype == np.uint8:
     raise DataError(f'Array file {path} holds uint8 images but data.latents=True; '
                     'encode them with `python -m scm_jax.encode_latents` first.')
+  mapped = x if isinstance(x, np.memmap) else None
   x = _check_values(_check_layout(x, path), path, latents)
+  reopen = None
+  if mapped is not None and np.may_share_memory(x, mapped):
+    # Still the file's pages (uint8 or float32 data): pickle by path.
+    x = _mapped_view(mapped, path)
+    reopen = functools.partial(_reopen_npy, os.path.abspath(path), x.shape,
+                               x.dtype.str)
   if labels is not None:
     labels = _check_labels(labels, len(x), path)
   num_classes = int(labels.max()) + 1 if labels is not None else 0
   source = ArraySource(x, labels, num_classes=num_classes,
                        name=f'array/{os.path.basename(path)}',
-                       image_size=image_size if x.ndim == 4 else 0)
+                       image_size=image_size if x.ndim == 4 else 0,
+                       reopen=reopen)
   if expected_shape and tuple(expected_shape) != source.shape:
     raise DataError(f'Array file {path} has examples of shape {source.shape} '
                     f'but the config expects {tuple(expected_shape)}.')

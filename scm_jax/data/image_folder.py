@@ -1,4 +1,7 @@
-"""A directory tree of image files, decoded lazily batch by batch.
+"""A directory tree of image files, decoded lazily example by example.
+
+A record is (path, label); decoding (PIL) runs in grain's worker processes
+when data.worker_count > 0.
 
 With labels_from_subdirs=True the layout is ROOT/<class name>/**/<image>, and
 classes are numbered by sorted subdirectory name (as torchvision's
@@ -12,7 +15,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from scm_jax.data.base import (Batch, DataSource, format_split_path,
+from scm_jax.data.base import (DataSource, Example, format_split_path,
                                resize_image, uint8_to_float)
 from scm_jax.errors import ConfigError, DataError
 
@@ -73,7 +76,7 @@ class ImageFolderSource(DataSource):
       self.shape = (image_size, image_size, channels)
     else:
       # Native resolution: the first image fixes the shape for all.
-      self.shape = self._load(0).shape
+      self.shape = self._load(self._paths[0]).shape
 
   def __len__(self) -> int:
     return len(self._paths)
@@ -82,8 +85,14 @@ class ImageFolderSource(DataSource):
   def paths(self) -> List[str]:
     return list(self._paths)
 
-  def _load(self, index: int, shape: Optional[tuple] = None) -> np.ndarray:
-    path = self._paths[index]
+  def __getitem__(self, index: int) -> Tuple[str, np.int32]:
+    return self._paths[index], self._labels[index]
+
+  def decode(self, record: Tuple[str, np.int32]) -> Example:
+    path, label = record
+    return {'x': self._load(path, self.shape), 'label': label}
+
+  def _load(self, path: str, shape: Optional[tuple] = None) -> np.ndarray:
     try:
       with Image.open(path) as img:
         mode = img.mode
@@ -105,13 +114,6 @@ class ImageFolderSource(DataSource):
           f'Image {path} has shape {x.shape} but the folder\'s images have '
           f'{shape}; set data.image_size to resize all images to one size.')
     return x
-
-  def get(self, indices: np.ndarray) -> Batch:
-    indices = np.asarray(indices, np.int64)
-    x = np.zeros((0,) + self.shape, np.float32)
-    if len(indices):
-      x = np.stack([self._load(int(i), self.shape) for i in indices])
-    return {'x': x, 'label': self._labels[indices]}
 
 
 def from_config(config, split: str) -> ImageFolderSource:

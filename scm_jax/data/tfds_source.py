@@ -3,11 +3,20 @@
 Random access needs no TensorFlow at run time, but the dataset must already be
 prepared in array_record format: this machine may have no network, so by
 default nothing is downloaded.
+
+A record is the example as tfds returns it (read from disk and decoded, e.g.
+PNG -> uint8 pixels); `decode` maps it to [-1, 1] floats at the configured
+size. With data.worker_count > 0 both run in grain's worker processes. (tfds
+can return undecoded bytes, but tfds.testing.mock_data cannot serve them
+without TensorFlow.)
 """
+
+import pickle
+from typing import Any, Dict
 
 import numpy as np
 
-from scm_jax.data.base import (Batch, DataSource, resize_image,
+from scm_jax.data.base import (DataSource, Example, resize_image,
                                uint8_to_float)
 from scm_jax.errors import ConfigError, DataError
 
@@ -44,7 +53,8 @@ class TfdsSource(DataSource):
   def __init__(self, name: str, split: str, *, data_dir: str = '',
                download: bool = False, image_key: str = 'image',
                label_key: str = 'label', image_size: int = 0):
-    self._ds = _open(name, split, data_dir, download)
+    self._open_args = (name, split, data_dir, download)
+    self._ds = _open(*self._open_args)
     features = self._ds.dataset_info.features
     if image_key not in features:
       raise DataError(f'TFDS dataset {name!r} has no feature {image_key!r}; '
@@ -75,9 +85,16 @@ class TfdsSource(DataSource):
   def __len__(self) -> int:
     return len(self._ds)
 
-  def _to_image(self, record: dict) -> np.ndarray:
-    """Decoded record -> float32 HWC image in [-1, 1], resized if asked."""
-    img = np.asarray(record[self._image_key])
+  def __getitem__(self, index: int) -> Dict[str, Any]:
+    return self._ds[index]
+
+  def decode(self, record: Dict[str, Any]) -> Example:
+    label = record[self._label_key] if self._label_key else 0
+    return {'x': self._to_image(record), 'label': np.int32(label)}
+
+  def _to_image(self, example: dict) -> np.ndarray:
+    """Decoded example -> float32 HWC image in [-1, 1], resized if asked."""
+    img = np.asarray(example[self._image_key])
     if img.ndim == 2:
       img = img[..., None]
     if img.dtype != np.uint8:
@@ -88,17 +105,18 @@ class TfdsSource(DataSource):
       x = resize_image(x, self._image_size)
     return x
 
-  def get(self, indices: np.ndarray) -> Batch:
-    indices = np.asarray(indices, np.int64)
-    records = [self._ds[int(i)] for i in indices]
-    x = np.zeros((0,) + self.shape, np.float32)
-    if records:
-      x = np.stack([self._to_image(r) for r in records])
-    if self._label_key:
-      labels = np.asarray([r[self._label_key] for r in records], np.int32)
-    else:
-      labels = np.zeros(len(records), np.int32)
-    return {'x': x, 'label': labels}
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    try:
+      pickle.dumps(self._ds)
+    except Exception:  # pylint: disable=broad-except
+      state['_ds'] = None  # Re-opened by name in the worker process.
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    if self._ds is None:
+      self._ds = _open(*self._open_args)
 
 
 def from_config(config, split: str) -> TfdsSource:
