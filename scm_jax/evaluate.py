@@ -22,6 +22,7 @@ import numpy as np
 from absl import flags
 
 from scm_jax import cli
+from scm_jax.core import sampling
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
 _METRICS = flags.DEFINE_list('metrics', ['auto'], 'Metrics (fid, pr, fd_digits, pr_digits, '
@@ -29,7 +30,7 @@ _METRICS = flags.DEFINE_list('metrics', ['auto'], 'Metrics (fid, pr, fd_digits, 
 _NUM = flags.DEFINE_integer('num', 10000, 'Samples per sampler.')
 _STEPS = flags.DEFINE_list('steps', None, 'Consistency steps (sCM) or PF-ODE steps (diffusion); '
                            'default 1,2 or config.sample.ode_steps.')
-_SOLVER = flags.DEFINE_enum('solver', None, ['euler', 'heun', 'ddim'],
+_SOLVER = flags.DEFINE_enum('solver', None, list(sampling.ODE_SOLVERS),
                             'PF-ODE solver for diffusion models (default config).')
 _BATCH = flags.DEFINE_integer('batch_size', 500, 'Sampling batch (a multiple of the devices).')
 _FEATURE_BATCH = flags.DEFINE_integer('feature_batch_size', 100, 'Feature-extraction batch.')

@@ -12,11 +12,12 @@ import numpy as np
 from absl import flags
 
 from scm_jax import cli
+from scm_jax.core import sampling
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to load.')
 _STEPS = flags.DEFINE_integer('steps', 2, 'Consistency sampling steps (1, 2, ...).')
 _ODE = flags.DEFINE_integer('ode', 0, 'If > 0: PF-ODE sampling with this many steps.')
-_SOLVER = flags.DEFINE_enum('solver', None, ['euler', 'heun', 'ddim'], 'PF-ODE solver.')
+_SOLVER = flags.DEFINE_enum('solver', None, list(sampling.ODE_SOLVERS), 'PF-ODE solver.')
 _NUM = flags.DEFINE_integer('num', 64, 'Number of samples.')
 _OUT = flags.DEFINE_string('out', None, 'Output path without extension (default: '
                            'WORKDIR/samples/sample_<steps>).')
