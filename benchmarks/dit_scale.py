@@ -114,7 +114,7 @@ def run_one(size, impl, remat, args, sample_too=True):
   row['train_gflop_per_step'] = round(flops / 1e9, 1)
 
   holder = [exp.init_state()]
-  batch = sharding.put_batch(next(exp.iterator(0, prefetch=0)), exp.mesh)
+  batch = sharding.put_batch(next(exp.data_stream(prefetch=0)), exp.mesh)
 
   def step():
     holder[0], metrics = compiled(holder[0], batch)

@@ -55,7 +55,7 @@ def main(argv):
   peak = common.peak_flops('f32', _PEAK.value)
 
   exps = {kind: _experiment(config, kind) for kind in ('diffusion', 'sct')}
-  host_batch = next(exps['sct'].iterator(0))
+  host_batch = next(exps['sct'].data_stream(prefetch=0))
   calls, stats = {}, {}
   for kind, label in (('diffusion', 'diffusion step'), ('sct', 'sCT step')):
     exp = exps[kind]

@@ -18,7 +18,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import flags
 
 from scm_jax import cli

@@ -255,8 +255,11 @@ def test_restore_into_another_stream_is_config_error():
                               prefetch=0, **kwargs)
     with pytest.raises(ConfigError, match=f'has {key}=.*original value'):
       stream.set_state(state)
-  with pytest.raises(ConfigError, match='get_state'):
+  # Damaged bytes are a DataError (a checkpoint treats them as corruption).
+  with pytest.raises(DataError, match='get_state'):
     data.make_stream(source, 2, 0, state=b'{"step": 3}')
+  with pytest.raises(DataError, match='not JSON'):
+    data.make_stream(source, 2, 0, state=b'{"step": 3')
 
 
 def test_restore_with_other_worker_count_is_config_error():

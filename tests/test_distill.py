@@ -164,7 +164,7 @@ def test_sharded_scd_step_with_fsdp_teacher_equals_single_device(teacher_dir):
       dxdt, init = teacher.dxdt_fn, teacher.init_params
       e8 = Experiment(c8, dxdt_fn=dxdt, init_params=init)
       e1 = Experiment(c1, dxdt_fn=dxdt, init_params=init, devices=jax.devices()[:1])
-      teacher_specs = [x.sharding.spec for x in jax.tree.leaves(e8._jit_step[1])]
+      teacher_specs = [x.sharding.spec for x in jax.tree.leaves(e8.teacher_args)]
       assert any('fsdp' in tuple(sp) for sp in teacher_specs), teacher_specs
       helpers.assert_same_steps(e8, e1, 2)
   ''', devices=8)

@@ -2,7 +2,6 @@
 and picked by name for sampling (Experiment.sample, the sample CLI, a teacher)."""
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +68,7 @@ def test_train_step_updates_every_ema_from_the_new_params():
   exp = Experiment(c)
   state = exp.init_state()
   init = jax.device_get(state.params)
-  it = exp.iterator(0)
+  it = exp.data_stream()
   raws = []
   for _ in range(3):
     state, _ = exp.step(state, next(it))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax.models import attention, build_model, default_model_config, dit, layers
+from scm_jax.models import attention, build_model, default_model_config, dit
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -278,7 +278,7 @@ def test_dit_fsdp_and_tensor_parallel_step_equals_single_device():
       specs = {str(s.spec) for s in jax.tree.leaves(e8.state_shardings)}
       assert {"P('fsdp', 'tensor')", "P('tensor', 'fsdp')", "P('tensor',)"} <= specs, specs
       s8, s1 = e8.init_state(), e1.init_state()
-      it = e1.iterator(0, prefetch=0)
+      it = e1.data_stream(prefetch=0)
       b = next(it)
       hlo = e8.jit_step.lower(s8, sharding.put_batch(b, e8.mesh)).as_text()
       assert 'sharding_constraint' in hlo  # activations pinned to the batch axes

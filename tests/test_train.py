@@ -4,9 +4,8 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
-from configs import digits_sct, toy2d_sct
+from configs import digits_sct
 from scm_jax.train.experiment import Experiment, load_experiment
 from scm_jax.train.loop import train_and_evaluate
 from scm_jax.train import state as state_lib
@@ -103,7 +102,7 @@ def test_nonfinite_steps_are_skipped_and_counted():
   c = tiny_digits_config()
   exp = Experiment(c)
   state = exp.init_state()
-  batch = next(exp.iterator(0, prefetch=0))
+  batch = next(exp.data_stream(prefetch=0))
   bad = dict(batch, x=np.full_like(batch['x'], np.nan))
   new, m = exp.step(state, bad)
   assert float(m['skipped']) == 1.0 and int(new.nonfinite_streak) == 1

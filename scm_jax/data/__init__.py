@@ -26,9 +26,8 @@ import ml_collections
 
 from scm_jax.data import arrays, digits, image_folder, tfds_source, toy2d
 from scm_jax.data.base import ArraySource, Batch, DataSource, resize_image
-from scm_jax.data.pipeline import (BatchStream, check_batch,
-                                   check_loader_options, make_stream,
-                                   per_process_batch)
+from scm_jax.data.pipeline import check_loader_options, make_stream
+from scm_jax.data.stream import BatchStream, check_batch, per_process_batch
 from scm_jax.errors import ConfigError
 
 __all__ = [

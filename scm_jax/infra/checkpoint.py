@@ -1,10 +1,11 @@
 """Orbax checkpointing: atomic saves, automatic resume, validation before restore.
 
-A checkpoint step directory holds two items: 'state' (the TrainState pytree, sharded
-arrays written collectively) and 'meta' (JSON: the config, data-iterator position, data
-shape and a fingerprint of every state array). Items are read through Orbax's
-CheckpointManager only (`read_meta` restores the meta item alone, `saved_shapes` asks for
-the state's array metadata). Orbax writes each step into a temporary
+A checkpoint step directory holds three items: 'state' (the TrainState pytree, sharded
+arrays written collectively), 'data' (the training batch stream's position: grain's
+iterator state, one JSON file per process, written by grain's Orbax handler) and 'meta'
+(JSON: the config, data shape, rollback history and a fingerprint of every state array).
+Items are read through Orbax's CheckpointManager only (`read_meta` restores the meta item
+alone, `saved_shapes` asks for the state's array metadata). Orbax writes each step into a temporary
 directory and renames it when complete, so a crash mid-save leaves the previous
 checkpoints intact; leftover temporary directories are removed on the next start.
 
@@ -19,17 +20,20 @@ import logging
 import os
 from typing import Any, Optional
 
+import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from scm_jax.errors import CheckpointError
+from scm_jax.errors import CheckpointError, ConfigError
 from scm_jax.infra import sharding
 
 CKPT_DIR = 'checkpoints'
 UNUSABLE_DIR = 'checkpoints_unusable'      # corrupted steps, moved aside on restore
 ROLLED_BACK_DIR = 'checkpoints_rolled_back'  # steps newer than a non-finite rollback target
-FORMAT_VERSION = 1
+# 2: the data position is the 'data' item (grain); format 1 kept it in the meta, and its
+# checkpoints can be sampled from but not resumed.
+FORMAT_VERSION = 2
 
 
 def flat_shapes(tree) -> dict[str, tuple]:
@@ -80,6 +84,17 @@ def _first_line(e: Exception) -> str:
   return (str(e).splitlines() or [''])[0]
 
 
+class _Snapshot:
+  """A data stream's state taken now, as an item for grain's Orbax handler (which may
+  write it after the stream has moved on)."""
+
+  def __init__(self, stream):
+    self._state = stream.get_state()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` keeping the last `keep` steps.
 
@@ -108,7 +123,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'meta': ocp.JsonCheckpointHandler()})
+                       'meta': ocp.JsonCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -117,14 +133,17 @@ class Checkpointer:
     steps = self.steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-    """Starts an (async) save; the state may be donated to the next step right after."""
+  def save(self, step: int, state, meta: dict, data=None, force: bool = False) -> bool:
+    """Starts an (async) save of `state`, `meta` and the position of the data stream
+    `data` (taken now); the state may be donated to the next step right after."""
     if self.read_only:
       raise CheckpointError(f'{self.directory} was opened read-only; nothing was saved.')
     fingerprint, _ = state_fingerprint(state)
     meta = dict(meta, format_version=FORMAT_VERSION, step=int(step), fingerprint=fingerprint)
-    return self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
+    if data is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(item=_Snapshot(data))
+    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -163,11 +182,13 @@ class Checkpointer:
     """Multi-process: whether JAX's preemption service chose `step` to save at."""
     return self.manager.reached_preemption(step)
 
-  def restore(self, step: int, abstract_state, validate) -> tuple[Any, dict]:
-    """Restores (state, meta) at `step` into the shardings of `abstract_state`.
+  def restore(self, step: int, abstract_state, validate, data=None) -> tuple[Any, dict]:
+    """Restores (state, meta) at `step` into the shardings of `abstract_state`, and the
+    position of the data stream `data` (if given: resuming training).
 
     `validate(step, meta, saved_shapes)` runs first. Raises CheckpointError if the
-    arrays do not match the fingerprint saved with them or are not finite.
+    arrays do not match the fingerprint saved with them or are not finite, or if the
+    data position is unreadable.
     """
     meta = self.read_meta(step)
     if int(meta.get('format_version', 1)) > FORMAT_VERSION:
@@ -187,12 +208,32 @@ class Checkpointer:
           f'saved ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}).')
     if not finite:
       raise CheckpointError(f'checkpoint step {step} contains non-finite values')
+    if data is not None:
+      self._restore_data(step, meta, data)
     return state, meta
 
+  def _restore_data(self, step: int, meta: dict, stream) -> None:
+    where = f'checkpoint step {step} in {self.directory}'
+    if int(meta.get('format_version', 1)) < 2:
+      raise IncompatibleCheckpointError(
+          f'{where} was written by an older scm_jax (format {meta.get("format_version", 1)}) '
+          'and holds no data-stream position: it can be sampled and evaluated, but to train '
+          'further start a new --workdir (e.g. with --config.teacher.* to initialise from '
+          'it). No checkpoint was changed.')
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(item=stream)))
+    except ConfigError as e:  # another seed, worker count or source: the user's choice
+      raise IncompatibleCheckpointError(f'{where}: {e} No checkpoint was changed.') from None
+    except Exception as e:  # pylint: disable=broad-except  # missing or damaged
+      raise CheckpointError(f'{where} has an unreadable data-stream position '
+                            f'({_first_line(e)}).') from e
+
   def restore_latest(self, abstract_state, validate, before: Optional[int] = None,
-                     log_fallback: bool = True):
+                     log_fallback: bool = True, data=None):
     """Newest restorable checkpoint (older than `before` if given), falling back to older
-    ones if it is corrupted; corrupted steps are moved to checkpoints_unusable/.
+    ones if it is corrupted; corrupted steps are moved to checkpoints_unusable/. With
+    `data` (a batch stream) its position is restored too.
 
     Incompatibility (IncompatibleCheckpointError from `validate`) is the user's
     problem, not corruption, and is raised at once. Returns (None, None) if there is
@@ -202,7 +243,7 @@ class Checkpointer:
     errors, unusable = [], []
     for step in reversed(steps):
       try:
-        state, meta = self.restore(step, abstract_state, validate)
+        state, meta = self.restore(step, abstract_state, validate, data)
         if errors and log_fallback:
           logging.warning('restored checkpoint step %d after skipping unusable newer ones:\n%s',
                           step, '\n'.join(errors))

@@ -3,7 +3,7 @@
 One JAX process runs per host (TPU pods, one process per GPU node) or per GPU (SLURM
 one task per GPU). Every process runs the same program; after initialization
 jax.devices() lists the devices of all processes, the mesh spans them, each process
-loads only its slice of every global batch (data.BatchIterator), only process 0
+loads only its rows of every global batch (data/pipeline.py), only process 0
 writes logs and sample grids, and Orbax checkpoints are written collectively.
 
 config.distributed.mode:

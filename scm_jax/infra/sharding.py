@@ -56,7 +56,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] = N
   """Builds the ('data', 'fsdp', 'tensor') mesh (see `mesh_shape`).
 
   Devices keep jax.devices() order (grouped by process), so each process's devices
-  hold a contiguous run of batch rows, matching BatchIterator's per-process slices;
+  hold a contiguous run of batch rows, matching the data stream's per-process batches;
   'tensor' is the fastest-varying axis (neighbouring devices, e.g. one NVLink node).
   """
   devices = list(devices if devices is not None else jax.devices())
@@ -134,7 +134,7 @@ def tree_shardings(tree, mesh: Mesh, sharding_config) -> Any:
 def put_batch(batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global jax.Arrays split along the batch axis.
 
-  Each process passes only its own slice (data/base.BatchIterator does the slicing);
+  Each process passes only its own rows (data/pipeline.py loads them);
   the global batch is their concatenation in process order.
   """
   sharding = batch_sharding(mesh)

@@ -96,17 +96,27 @@ class Experiment:
     return teacher_lib.resolve(self.config, self.data_shape, self.abstract_state.params)
 
   @functools.cached_property
-  def _jit_step(self) -> tuple[Callable, tuple]:
-    """(jitted step, its extra arguments): a teacher with weights is a jit argument
-    placed like the parameters, not a constant baked into the program."""
-    dxdt_fn = self.teacher.dxdt_fn
-    train_step = step_lib.make_train_step(self.config, self.model, self.tx, dxdt_fn)
-    args, shardings = (), None
-    if teachers.has_params(dxdt_fn):
-      shardings = sharding_lib.tree_shardings(dxdt_fn, self.mesh, self.config.sharding)
-      args = (jax.device_put(dxdt_fn, shardings),)
+  def _teacher_shardings(self):
+    """Placement of a teacher with weights: a jit argument sharded like parameters."""
+    if not teachers.has_params(self.teacher.dxdt_fn):
+      return None
+    return sharding_lib.tree_shardings(self.teacher.dxdt_fn, self.mesh, self.config.sharding)
+
+  @functools.cached_property
+  def teacher_args(self) -> tuple:
+    """Extra arguments of `jit_step`: the teacher drift with its weights, if any (not a
+    constant baked into the program)."""
+    if self._teacher_shardings is None:
+      return ()
+    return (jax.device_put(self.teacher.dxdt_fn, self._teacher_shardings),)
+
+  @functools.cached_property
+  def jit_step(self) -> Callable:
+    """The jitted, sharded train step: jit_step(state, global batch, *teacher_args)."""
+    train_step = step_lib.make_train_step(self.config, self.model, self.tx,
+                                          self.teacher.dxdt_fn)
     return step_lib.jit_train_step(train_step, self.state_shardings, self.mesh,
-                                   shardings), args
+                                   self._teacher_shardings)
 
   def init_state(self, seed: Optional[int] = None) -> state_lib.TrainState:
     """A fresh TrainState (from the teacher's weights when config.teacher says so)."""
@@ -119,32 +129,36 @@ class Experiment:
     init = jax.jit(self._init, out_shardings=self.state_shardings)
     return init(jax.random.PRNGKey(seed), params)
 
-  def iterator(self, start_step: int = 0, prefetch: Optional[int] = None):
-    return data_lib.BatchIterator(
-        self.source, self.config.train.batch_size, self.config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start_step,
-        prefetch=self.config.data.prefetch if prefetch is None else prefetch)
+  def data_stream(self, prefetch: Optional[int] = None) -> data_lib.BatchStream:
+    """A new training batch stream of this process, from the start (data/pipeline.py).
+
+    Its position is its grain state (`get_state`), saved with every checkpoint.
+    """
+    c = self.config
+    return data_lib.make_stream(
+        self.source, c.train.batch_size, c.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), worker_count=c.data.worker_count,
+        prefetch=c.data.prefetch if prefetch is None else prefetch)
+
+  @functools.cached_property
+  def stream(self) -> data_lib.BatchStream:
+    """The run's own batch stream (built once): `train` and the loop continue it."""
+    return self.data_stream()
 
   def step(self, state, batch):
     """One training step on a host-local numpy batch."""
-    jit_step, args = self._jit_step
-    return jit_step(state, sharding_lib.put_batch(batch, self.mesh), *args)
+    return self.jit_step(state, sharding_lib.put_batch(batch, self.mesh), *self.teacher_args)
 
-  def train(self, state, num_steps: int, iterator=None, callback: Callable = None):
-    """Runs num_steps steps; returns (state, list of per-step host metrics)."""
-    own = iterator is None
-    iterator = iterator or self.iterator(int(state.step))
+  def train(self, state, num_steps: int, stream=None, callback: Callable = None):
+    """Runs num_steps steps on `stream` (default: the run's own, continued from where
+    the last call left it); returns (state, list of per-step host metrics)."""
+    stream = stream if stream is not None else self.stream
     history = []
-    try:
-      for _ in range(num_steps):
-        state, metrics = self.step(state, next(iterator))
-        history.append(metrics)
-        if callback is not None:
-          callback(state, metrics)
-    finally:
-      if own:
-        iterator.close()
+    for _ in range(num_steps):
+      state, metrics = self.step(state, next(stream))
+      history.append(metrics)
+      if callback is not None:
+        callback(state, metrics)
     return state, [jax.device_get(m) for m in history]
 
   # ------------------------------------------------------------------ sampling

@@ -55,13 +55,13 @@ def _say(msg: str) -> None:
     print(f'[scm_jax] {msg}', file=sys.stderr, flush=True)
 
 
-def _meta(exp: experiment_lib.Experiment, data_step: int) -> dict:
+def _meta(exp: experiment_lib.Experiment) -> dict:
+  """What a checkpoint records besides the state and the data position."""
   return {
       'config': json.loads(exp.config.to_json_best_effort()),
-      'data': {'step': int(data_step), 'seed': int(exp.config.seed),
-               'global_batch_size': int(exp.config.train.batch_size)},
       'data_shape': list(exp.data_shape),
       'num_classes': exp.num_classes,
+      'process_count': jax.process_count(),  # each process saved its own data position
   }
 
 
@@ -69,7 +69,8 @@ def _resume_check(exp: experiment_lib.Experiment, workdir: str):
   """The checkpoint compatibility rule for resuming this run (train/workdir.py)."""
   return workdir_lib.compatibility(workdir, exp.abstract_state, data_shape=exp.data_shape,
                                    config=exp.config,
-                                   strict_config=exp.config.train.check_resume_config)
+                                   strict_config=exp.config.train.check_resume_config,
+                                   process_count=jax.process_count())
 
 
 def _sample_images(exp: experiment_lib.Experiment, state, step: int) -> dict:
@@ -117,7 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.keep_ckpts)
   validate = _resume_check(exp, workdir)
-  state, meta = ckpt.restore_latest(exp.abstract_state, validate)
+  stream = exp.stream  # its position comes back with the checkpoint
+  state, meta = ckpt.restore_latest(exp.abstract_state, validate, data=stream)
   if state is None:
     state = exp.init_state()
     _say(f'starting from scratch in {workdir}')
@@ -127,11 +129,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir_lib.save_config(workdir, c)
 
   start = int(state.step)
-  # The data position is the step plus the batches skipped by non-finite rollbacks.
-  data_offset = int(meta['data']['step']) - start if meta else 0
   guard = nonfinite.NonfiniteGuard(c.train, state, meta)
   writer = writers.MetricWriter(workdir, enabled=is_main)
-  iterator = exp.iterator(start + data_offset)
   pbar = None
   if is_main and c.train.progress_bar:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
@@ -142,16 +141,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     while step < c.train.num_steps:
       step += 1
-      state, metrics = exp.step(state, next(iterator))
+      state, metrics = exp.step(state, next(stream))
       stop = preempt.stop_requested(step, ckpt)
       failed = guard.check(step, metrics, sync=stop or step == c.train.num_steps)
       if failed is not None:
-        iterator.close()
-        state, data_offset = guard.rollback(failed, failed + data_offset, exp, ckpt, validate)
+        # The stream is not rewound: the batches since the restored step are skipped.
+        state = guard.rollback(failed, stream.step, exp, ckpt, validate)
         step, history, t_last = int(state.step), [], time.time()
-        iterator = exp.iterator(step + data_offset)
         _say(f'{c.train.max_nonfinite_streak} non-finite steps in a row up to step {failed}: '
-             f'rolled back to step {step}, skipping to data batch {step + data_offset}')
+             f'rolled back to step {step}, going on from data batch {stream.step}')
         if pbar is not None:
           pbar.n = step
           pbar.refresh()
@@ -173,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write_images(step, {**_sample_images(exp, state, step),
                                    **_loss_by_time_image(by_t)})
       if step % c.train.ckpt_every == 0 or step == c.train.num_steps or stop:
-        ckpt.save(step, state, dict(_meta(exp, step + data_offset), **guard.meta()))
+        ckpt.save(step, state, dict(_meta(exp), **guard.meta()), data=stream)
       if stop and step < c.train.num_steps:
         raise preemption.Preempted(step, preempt.signum, workdir)
   except nonfinite.NonFiniteError as e:
@@ -181,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise
   finally:
     preempt.uninstall()
-    iterator.close()
+    stream.close()
     ckpt.close()
     writer.close()
     if pbar is not None:

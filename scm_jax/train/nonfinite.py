@@ -9,7 +9,8 @@ have been skipped:
   'stop'      raise NonFiniteError naming the step and the metrics of the last bad step;
               the newest checkpoint is left as it is.
   'rollback'  restore the newest checkpoint from before the streak began, skip the data
-              batches consumed since then and re-key the random stream, then go on
+              batches consumed since then (the batch stream is not rewound) and
+              re-key the random stream, then go on
               (the recipe of PaLM, Chowdhery et al. 2022, sec. 5.1: restart before the
               spike and skip the batches around it). Replaying the same batches with the
               same keys would reproduce the fault bit for bit, hence the skip and re-key.
@@ -106,13 +107,13 @@ class NonfiniteGuard:
             'config.optim.lr or config.optim.grad_clip, or set '
             "config.train.nonfinite_action='rollback'.")
 
-  def rollback(self, fail_step: int, data_step: int, exp, ckpt, validate):
-    """Restores the newest checkpoint from before the streak; returns (state, data_offset).
+  def rollback(self, fail_step: int, stream_step: int, exp, ckpt, validate):
+    """Restores the newest checkpoint from before the streak and returns its state.
 
-    `data_step` is the index of the batch after the one `fail_step` used; training goes
-    on from there, so the batches of the bad window are skipped. Checkpoints newer than
-    the restored one are moved to checkpoints_rolled_back/ (kept, but out of the way of
-    the steps that will be saved again).
+    Only the train state goes back: the data stream, at batch `stream_step`, goes on,
+    so the batches since that checkpoint (the bad window among them) are skipped.
+    Checkpoints newer than the restored one are moved to checkpoints_rolled_back/
+    (kept, but out of the way of the steps that will be saved again).
     """
     first_bad = fail_step - self.streak + 1
     ckpt.wait()
@@ -129,11 +130,11 @@ class NonfiniteGuard:
         nonfinite_total=np.int32(self.total),
         nonfinite_streak=np.int32(0)), exp.state_shardings)
     self.rollbacks.append({'failed_step': fail_step, 'restored_step': restored,
-                           'data_step': data_step})
+                           'stream_step': int(stream_step)})
     self.streak = 0
     self._in_a_row += 1
     self._fail_step = max(self._fail_step, fail_step)
-    return state, data_step - restored
+    return state
 
   def meta(self) -> dict:
     """What goes into each checkpoint's meta (the rollback history of the run)."""

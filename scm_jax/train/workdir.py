@@ -109,12 +109,15 @@ def shape_mismatches(saved: dict, expected: dict, limit: int = 20) -> list[str]:
 
 def compatibility(workdir: str, abstract_state, *, data_shape=None,
                   config: Optional[ml_collections.ConfigDict] = None,
-                  strict_config: bool = True, fix: str = RESUME_FIX) -> Callable:
+                  strict_config: bool = True, process_count: Optional[int] = None,
+                  fix: str = RESUME_FIX) -> Callable:
   """The `validate(step, meta, saved_shapes)` callback for Checkpointer.restore*.
 
   Refuses (IncompatibleCheckpointError) a checkpoint whose data shape or array shapes
-  differ from this run's, or, given `config` and `strict_config`, whose config differs
-  in a resume-fixed field. Other config changes are logged. `fix` ends the message.
+  differ from this run's; given `process_count` (resuming: each process continues its
+  own data shard), one written by another number of processes; given `config` and
+  `strict_config`, one whose config differs in a resume-fixed field. Other config
+  changes are logged. `fix` ends the message.
   """
   directory = os.path.join(os.path.abspath(workdir), ckpt_lib.CKPT_DIR)
   expected = ckpt_lib.flat_shapes(abstract_state)
@@ -125,6 +128,10 @@ def compatibility(workdir: str, abstract_state, *, data_shape=None,
     if data_shape is not None and saved_data and saved_data != tuple(data_shape):
       problems.append(f'  data shape: checkpoint {saved_data} vs now {tuple(data_shape)}')
     problems += shape_mismatches(saved_shapes, expected)
+    saved_processes = meta.get('process_count')
+    if process_count is not None and saved_processes not in (None, process_count):
+      problems.append(f'  processes: checkpoint {saved_processes} vs now {process_count} '
+                      '(each process resumes its own data shard)')
     changes = []
     if config is not None and 'config' in meta:
       changes = config_changes(meta['config'], config)
