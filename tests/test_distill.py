@@ -87,13 +87,18 @@ def test_teacher_from_workdir_is_guided_drift_and_student_init(teacher_dir):
     (lambda c: c.model.update(width=32), 'architectures differ'),
     (lambda c: c.model.update(num_classes=0), 'num_classes'),
     (lambda c: c.trigflow.update(sigma_d=1.0), 'sigma_d'),
-    (lambda c: c.data.update(toy='gaussian', dim=3), 'data shape'),
+    (None, 'data shape'),  # a student on 3-D data
 ])
 def test_bad_teacher_setups_are_config_errors(teacher_dir, change, message):
   c = _student(teacher_dir)
-  change(c)
+  data_shape = (2,)
+  if change is None:
+    data_shape = (3,)
+  else:
+    change(c)
+  student_params = Experiment(c, dxdt_fn=lambda x, t, l: x).abstract_state.params
   with pytest.raises(ConfigError, match=message):
-    Experiment(c).teacher
+    teacher_lib.resolve(c, data_shape, student_params)
 
 
 def _copy_config(src, dst, **changes):
