@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scm_jax.errors import ConfigError
-from scm_jax.models import attention, build_model, default_model_config, layers
+from scm_jax.models import build_model, default_model_config, layers
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -177,64 +177,7 @@ def test_unet_jvp_matches_finite_differences(unet_setup):
     assert _rel_err(tangent, fd) < 1e-2, wrt
 
 
-# ------------------------------------------------------------------ attention
-
-
-def _qkv(shape=(2, 5, 3, 4), seed=0):
-  return [jax.random.normal(k, shape) for k in
-          jax.random.split(jax.random.key(seed), 3)]
-
-
-def test_attention_matches_naive_reference():
-  q, k, v = _qkv()
-  q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
-  logits = np.einsum('bqhd,bkhd->bhqk', q64, k64) / np.sqrt(q.shape[-1])
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  expected = np.einsum('bhqk,bkhd->bqhd', probs, v64)
-  out = attention.attention(q, k, v)
-  assert out.shape == q.shape
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_attention_jvp_matches_finite_differences():
-  q, k, v = _qkv()
-  tq, tk, tv = _qkv(seed=1)
-  _, tangent = jax.jvp(attention.attention, (q, k, v), (tq, tk, tv))
-  h = 1e-3
-  fd = (attention.attention(q + h * tq, k + h * tk, v + h * tv)
-        - attention.attention(q - h * tq, k - h * tk, v - h * tv)) / (2 * h)
-  assert _rel_err(tangent, fd) < 1e-3
-
-
-def test_attention_unknown_impl():
-  q, k, v = _qkv()
-  with pytest.raises(ConfigError, match="'pallas'.*flash.*xla"):
-    attention.attention(q, k, v, impl='pallas')
-
-
-def test_self_attention_qk_norm_is_scale_invariant():
-  """With qk_norm, scaling the q/k projections leaves the output unchanged."""
-  module = attention.SelfAttention(head_dim=4, qk_norm=True)
-  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
-  params = _perturb(module.init(jax.random.key(1), x))
-  assert params['params']['q_norm']['scale'].shape == (4,)  # 8 / head_dim
-  scaled = jax.tree.map(lambda p: p, params)
-  scale = np.ones(24, np.float32)
-  scale[:16] = 100.  # the q and k columns of the fused qkv projection
-  qkv = scaled['params']['qkv']
-  qkv['kernel'], qkv['bias'] = qkv['kernel'] * scale, qkv['bias'] * scale
-  out, out_scaled = module.apply(params, x), module.apply(scaled, x)
-  assert out.shape == x.shape
-  np.testing.assert_allclose(out_scaled, out, rtol=1e-3, atol=1e-4)
-
-
-def test_self_attention_bad_heads():
-  x = jnp.zeros((1, 4, 6))
-  with pytest.raises(ConfigError, match='num_heads=4'):
-    attention.SelfAttention(num_heads=4).init(jax.random.key(0), x)
-  with pytest.raises(ConfigError, match='head_dim=4'):
-    attention.SelfAttention(head_dim=4).init(jax.random.key(0), x)
+# Attention: tests/test_attention.py.
 
 
 # ------------------------------------------------------------------ dropout
@@ -399,7 +342,7 @@ def test_build_model_unknown_key():
 
 @pytest.mark.parametrize('field, value', [
     ('dtype', 'float16'), ('norm_mode', 'layer'), ('time_embed_kind', 'gauss'),
-    ('resample', 'bilinear'), ('attn_impl', 'pallas')])
+    ('resample', 'bilinear'), ('attn_impl', 'splash')])
 def test_build_model_bad_choices(field, value):
   with pytest.raises(ConfigError, match=f'{field}.*{value}'):
     build_model(_config('unet', **{field: value}))

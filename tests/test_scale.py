@@ -1,107 +1,21 @@
-"""Issue 5 (scale): blockwise JVP-capable attention, DiT, bf16, remat, big configs."""
+"""Issue 5 (scale): DiT, bf16, remat, big configs, sharding."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scm_jax.models import attention, build_model, default_model_config, dit
+from scm_jax.models import build_model, default_model_config, dit
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
-
-
-def _qkv(shape, seed=0, n=3):
-  return [jax.random.normal(k, shape) for k in jax.random.split(jax.random.key(seed), n)]
-
-
-def _flash(block):
-  return lambda q, k, v: attention.attention(q, k, v, impl='flash', block_size=block)
-
-
-def _xla(q, k, v):
-  return attention.attention(q, k, v, impl='xla')
 
 
 def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-# ------------------------------------------------------------------ flash attention
-
-
-@pytest.mark.parametrize('block', [8, 16, 64])  # 37 keys: padded last block, 1 block
-def test_flash_attention_output_and_jvp_match_naive(block):
-  q, k, v = _qkv((2, 37, 3, 8))
-  tangents = _qkv((2, 37, 3, 8), seed=1)
-  out, tan = jax.jit(lambda *a: jax.jvp(_flash(block), a[:3], a[3:]))(q, k, v, *tangents)
-  out_ref, tan_ref = jax.jvp(_xla, (q, k, v), tuple(tangents))
-  np.testing.assert_allclose(out, out_ref, atol=2e-6)
-  np.testing.assert_allclose(tan, tan_ref, atol=5e-6)
-  assert float(jnp.abs(tan_ref).max()) > 0.1  # a non-trivial tangent
-
-
-def test_flash_attention_jvp_matches_finite_differences():
-  # float64 on the side: the finite difference is then accurate to ~1e-8.
-  with jax.enable_x64():
-    q, k, v = (a.astype(jnp.float64) for a in _qkv((1, 20, 2, 4), seed=2))
-    tq, tk, tv = (a.astype(jnp.float64) for a in _qkv((1, 20, 2, 4), seed=3))
-    f = _flash(8)
-    _, tan = jax.jvp(f, (q, k, v), (tq, tk, tv))
-    h = 1e-5
-    fd = (f(q + h * tq, k + h * tk, v + h * tv) - f(q - h * tq, k - h * tk, v - h * tv)) / (2 * h)
-    assert _rel(tan, fd) < 1e-7
-
-
-def test_flash_attention_grad_matches_naive():
-  """Reverse mode goes through the custom_jvp by linearize + transpose: the rule's
-  tangent must be linear and transposable (the sCM theta pass needs it)."""
-  q, k, v = _qkv((2, 37, 3, 8), seed=4)
-  w = jax.random.normal(jax.random.key(5), q.shape)
-  loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)) * w))
-  g = jax.jit(jax.grad(loss(_flash(16)), argnums=(0, 1, 2)))(q, k, v)
-  g_ref = jax.grad(loss(_xla), argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(g, g_ref):
-    np.testing.assert_allclose(a, b, atol=5e-6)
-  # Gradient of a function of the jvp (forward-over-reverse is not needed by sCM,
-  # but grad of a loss whose target came from a stop-gradient jvp is):
-  def sc_loss(q):
-    _, tan = jax.jvp(_flash(16), (jax.lax.stop_gradient(q), k, v), (w, k, v))
-    return jnp.sum((_flash(16)(q, k, v) - jax.lax.stop_gradient(tan)) ** 2)
-  def sc_loss_ref(q):
-    _, tan = jax.jvp(_xla, (jax.lax.stop_gradient(q), k, v), (w, k, v))
-    return jnp.sum((_xla(q, k, v) - jax.lax.stop_gradient(tan)) ** 2)
-  np.testing.assert_allclose(jax.grad(sc_loss)(q), jax.grad(sc_loss_ref)(q), atol=2e-5)
-
-
-def _temp_bytes(f, length, mode):
-  s = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
-  if mode == 'jvp':
-    fn = lambda q, k, v: jax.jvp(f, (q, k, v), (q, k, v))
-  else:
-    fn = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))
-  return jax.jit(fn).lower(s, s, s).compile().memory_analysis().temp_size_in_bytes
-
-
-@pytest.mark.parametrize('mode', ['jvp', 'grad'])
-def test_flash_attention_memory_grows_linearly(mode):
-  """Compiled temp memory at 4x the sequence length: ~4x for flash, ~16x for naive."""
-  flash = [_temp_bytes(_flash(128), n, mode) for n in (1024, 4096)]
-  naive = [_temp_bytes(_xla, n, mode) for n in (1024, 4096)]
-  assert flash[1] / flash[0] < 5, flash
-  assert naive[1] / naive[0] > 12, naive
-  assert flash[1] < naive[1] / 10
-
-
-def test_flash_attention_bfloat16_close_to_float32():
-  q, k, v = _qkv((2, 64, 2, 16), seed=6)
-  tq, tk, tv = _qkv((2, 64, 2, 16), seed=7)
-  bf = lambda *a: tuple(x.astype(jnp.bfloat16) for x in a)
-  out, tan = jax.jvp(_flash(16), bf(q, k, v), bf(tq, tk, tv))
-  assert out.dtype == tan.dtype == jnp.bfloat16
-  out_ref, tan_ref = jax.jvp(_xla, (q, k, v), (tq, tk, tv))
-  assert _rel(out.astype(jnp.float32), out_ref) < 2e-2
-  assert _rel(tan.astype(jnp.float32), tan_ref) < 3e-2
+# Blockwise / Pallas attention: tests/test_attention.py.
 
 
 # ------------------------------------------------------------------ DiT
@@ -152,12 +66,13 @@ def test_dit_starts_at_zero_and_conditions_on_t_and_labels():
   assert float(jnp.abs(fa - ft)[0].max()) > 1e-3
 
 
-@pytest.mark.parametrize('remat', [pytest.param('none', marks=pytest.mark.slow),
-                                   'dots_no_batch'])
-def test_dit_flash_equals_xla_in_value_jvp_and_grad(remat):
-  """The whole network with attn_impl='flash' (and remat) vs 'xla': same F, same
-  sCM-style jvp along (x, t), same parameter gradient."""
-  cfg = tiny_dit_config(attn_impl='flash', attn_block_size=4, remat=remat)
+@pytest.mark.parametrize('impl, remat', [pytest.param('flash', 'none', marks=pytest.mark.slow),
+                                         ('flash', 'dots_no_batch'), ('pallas', 'full')])
+def test_dit_fused_attention_equals_xla_in_value_jvp_and_grad(impl, remat):
+  """The whole network with attn_impl='flash' / 'pallas' (and remat) vs 'xla': same F,
+  same sCM-style jvp along (x, t), same parameter gradient."""
+  cfg = tiny_dit_config(attn_impl=impl, attn_block_size=16 if impl == 'pallas' else 4,
+                        attn_block_q=16, remat=remat)
   model, params, x, t = _perturbed_dit(cfg)
   ref = build_model(tiny_dit_config())
   tx, tt = jax.random.normal(jax.random.key(3), x.shape), jnp.ones_like(t)

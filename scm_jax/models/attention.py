@@ -1,179 +1,128 @@
-"""Attention: one entry point for every model, and a blockwise ("flash") kernel with a JVP rule.
+"""Attention: one entry point for every model, fused kernels wherever JAX allows them.
 
 The sCT/sCD losses take `jax.jvp` through the whole network (Lu & Song 2024, Sec. 4 and
-App. F), attention included. `jax.nn.dot_product_attention`'s fused kernels (cuDNN, Pallas)
-are `custom_vjp` functions and refuse forward-mode differentiation, so attention here is
-either plain XLA einsums ('xla', O(L^2) memory) or `flash_attention`, a blockwise online
-softmax with a custom JVP whose tangent is blockwise too ('flash', O(L) memory).
+App. F), attention included, but fused attention kernels (cuDNN, Pallas) are
+`custom_vjp` functions that refuse forward mode. `attention(q, k, v, impl=...)` offers:
+
+- 'xla': plain einsum attention, differentiated by JAX (O(L²) memory); the reference.
+- 'flash' and 'pallas': `fused_attention`, a `custom_jvp` whose primal is a fused
+  forward kernel (cuDNN flash attention on NVIDIA GPUs in bf16/fp16; otherwise the
+  blockwise forward for 'flash', O(L) memory, and `jax.nn.dot_product_attention`,
+  i.e. XLA on CPU/TPU, for 'pallas') and whose JVP rule adds the tangent of the
+  one-pass online-softmax JVP: a `lax.scan` over key blocks ('flash') or the Pallas
+  kernel ('pallas': Triton on GPU, Mosaic on TPU, interpret mode on CPU).
+
+So sampling, the teacher and the gradient pass (no forward-mode derivative) run the
+fused forward; `jax.jvp` runs the fused forward plus our tangent kernel; `jax.grad`
+linearizes the rule and transposes the tangent into the primal kernel's VJP (cuDNN's
+fused backward) or the O(L) blockwise backward (see kernels.tangent).
 """
 
+import dataclasses
 import functools
-from typing import Any, Callable
+import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from scm_jax.errors import ConfigError
+from scm_jax.infra import sharding
+from scm_jax.models import kernels
+from scm_jax.models.kernels import blockwise
+
+ATTENTION_IMPLS = ('xla', 'flash', 'pallas')
+FLASH_BLOCK = blockwise.FLASH_BLOCK
 
 
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Plain einsum attention with float32 logits and softmax; jvp-friendly."""
-  scale = 1. / np.sqrt(q.shape[-1])
+  scale = blockwise.softmax_scale(q.shape[-1])
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
-                      preferred_element_type=jnp.float32) * scale
+                      preferred_element_type=blockwise.acc_dtype(q.dtype)) * scale
   probs = jax.nn.softmax(logits, axis=-1)
   return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
 
 
-# ---------------------------------------------------- blockwise ("flash") attention
-#
-# Forward: online softmax over key/value blocks (Dao et al. 2022; Rabe & Staats
-# 2021), carrying the running row max m, row sum l and unnormalized output; it also
-# returns lse = m + log l. Memory O(Lq * block) instead of O(Lq * Lk).
-#
-# Tangent (derived from O = P V, P = softmax(S), S = q kᵀ / sqrt(Dh)):
-#   dS  = (dq kᵀ + q dkᵀ) / sqrt(Dh)
-#   dP  = P ⊙ (dS - mu 1ᵀ),        mu_i = Σ_j P_ij dS_ij
-#   dO  = dP V + P dV = Σ_j P_ij (dS_ij V_j + dV_j) - mu_i O_i.
-# With lse known from the forward, P_ij = exp(S_ij - lse_i) is exact per block, so
-# dO and mu accumulate over the same key/value blocks with no rescaling, in float32.
-# The tangent is linear in (dq, dk, dv): jax.grad (linearize + transpose) works
-# through the custom_jvp; the block body is rematerialized so the transposed scan
-# recomputes P per block instead of storing the full [Lq, Lk] matrix.
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  """Which kernels `fused_attention` runs (hashable: a static argument).
 
-FLASH_BLOCK = 512
+  Attributes:
+    primal: forward kernel, 'cudnn', 'xla' or 'blockwise' (kernels.primal_fn).
+    tangent: JVP kernel, 'pallas' or 'blockwise' (kernels.KERNELS).
+    block_q: queries per tile of the Pallas kernel (0 = its default per backend).
+    block_k: keys per tile/block (0 = the kernel's default).
+  """
+  primal: str
+  tangent: str
+  block_q: int = 0
+  block_k: int = 0
 
 
-def _kv_blocks(block: int, *arrays):
-  """Pads [B, L, H, D] arrays along L to a multiple of `block` and splits them into
-  [num_blocks, B, block, H, D] (scan-major). Also returns the key validity mask."""
-  length = arrays[0].shape[1]
-  block = max(1, min(block, length))
-  num = -(-length // block)
-  pad = num * block - length
-  out = []
-  for a in arrays:
-    a = jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    out.append(jnp.moveaxis(a.reshape(a.shape[0], num, block, *a.shape[2:]), 1, 0))
-  valid = (jnp.arange(num * block) < length).reshape(num, block)
-  return out, valid
-
-
-def _acc_dtype(x):
-  """Accumulation dtype: float32, or float64 for float64 inputs."""
-  return jnp.promote_types(x.dtype, jnp.float32)
-
-
-def _block_logits(q, k_blk, valid):
-  """Scaled logits [B, H, Lq, block] in float32, -inf on padded keys."""
-  s = jnp.einsum('bqhd,bkhd->bhqk', q, k_blk,
-                 preferred_element_type=_acc_dtype(q)) / np.sqrt(q.shape[-1])
-  return jnp.where(valid[None, None, None], s, -jnp.inf)
-
-
-def _flash_forward(q, k, v, block):
-  """(O [B, Lq, H, D] in v.dtype, lse [B, H, Lq] float32) by an online softmax."""
-  (k_b, v_b), valid = _kv_blocks(block, k, v)
-  batch, lq, heads, _ = q.shape
-  f32 = _acc_dtype(q)
-
-  def body(carry, xs):
-    m, l, acc = carry
-    k_j, v_j, valid_j = xs
-    s = _block_logits(q, k_j, valid_j)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    alpha = jnp.exp(m - m_new)            # 0 on the first block (m = -inf)
-    p = jnp.exp(s - m_new[..., None])
-    l = l * alpha + jnp.sum(p, axis=-1)
-    pv = jnp.einsum('bhqk,bkhd->bqhd', p.astype(v.dtype), v_j,
-                    preferred_element_type=f32)
-    acc = acc * jnp.swapaxes(alpha, 1, 2)[..., None] + pv
-    return (m_new, l, acc), None
-
-  init = (jnp.full((batch, heads, lq), -jnp.inf, f32),
-          jnp.zeros((batch, heads, lq), f32),
-          jnp.zeros(q.shape[:3] + v.shape[-1:], f32))
-  (m, l, acc), _ = jax.lax.scan(body, init, (k_b, v_b, valid))
-  out = acc / jnp.swapaxes(l, 1, 2)[..., None]
-  return out.astype(v.dtype), m + jnp.log(l)
-
-
-def _flash_tangent(q, k, v, out, lse, dq, dk, dv, block):
-  """dO for tangents (dq, dk, dv), blockwise; see the derivation above."""
-  (k_b, v_b, dk_b, dv_b), valid = _kv_blocks(block, k, v, dk, dv)
-  f32 = _acc_dtype(q)
-
-  def body(carry, xs):
-    acc_t, acc_mu = carry
-    k_j, v_j, dk_j, dv_j, valid_j = xs
-    p = jnp.exp(_block_logits(q, k_j, valid_j) - lse[..., None])
-    ds = (jnp.einsum('bqhd,bkhd->bhqk', dq, k_j, preferred_element_type=f32)
-          + jnp.einsum('bqhd,bkhd->bhqk', q, dk_j, preferred_element_type=f32)
-          ) / np.sqrt(q.shape[-1])
-    pds = p * ds
-    acc_mu = acc_mu + jnp.sum(pds, axis=-1)
-    acc_t = (acc_t
-             + jnp.einsum('bhqk,bkhd->bqhd', pds.astype(v.dtype), v_j,
-                          preferred_element_type=f32)
-             + jnp.einsum('bhqk,bkhd->bqhd', p.astype(v.dtype), dv_j,
-                          preferred_element_type=f32))
-    return (acc_t, acc_mu), None
-
-  # Rematerialized body: under jax.grad the transposed scan recomputes p per block.
-  body = jax.checkpoint(body, prevent_cse=False)
-  init = (jnp.zeros(out.shape, f32), jnp.zeros(lse.shape, f32))
-  (acc_t, acc_mu), _ = jax.lax.scan(body, init, (k_b, v_b, dk_b, dv_b, valid))
-  dout = acc_t - jnp.swapaxes(acc_mu, 1, 2)[..., None] * out.astype(f32)
-  return dout.astype(out.dtype)
+def kernels_for(impl: str, q: jax.Array, block_q: int = 0, block_k: int = 0) -> Kernels:
+  """The kernels of attention `impl` ('flash' or 'pallas') for q on this backend."""
+  if kernels.cudnn_supported(q):
+    primal = 'cudnn'
+  else:
+    primal = 'blockwise' if impl == 'flash' else 'xla'
+  return Kernels(primal, 'blockwise' if impl == 'flash' else 'pallas', block_q, block_k)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                    block: int = FLASH_BLOCK) -> jax.Array:
-  """Blockwise attention softmax(q kᵀ / sqrt(Dh)) v with a blockwise JVP rule.
-
-  Same result as 'xla' attention, but neither the output nor its tangent (nor the
-  gradient) materializes the [Lq, Lk] attention matrix. Pure JAX (lax.scan over
-  key/value blocks of size `block`), so it runs on CPU, GPU and TPU.
-  """
-  return _flash_forward(q, k, v, block)[0]
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, kern: Kernels) -> jax.Array:
+  """softmax(q kᵀ / sqrt(Dh)) v by the fused forward `kern.primal`, with a JVP rule
+  (fused forward + `kern.tangent` tangent kernel). q, k, v [B, L, H, Dh]."""
+  return kernels.primal_fn(kern.primal, kern.block_k)(q, k, v)
 
 
-@flash_attention.defjvp
-def _flash_attention_jvp(block, primals, tangents):
-  q, k, v = primals
-  dq, dk, dv = tangents
-  out, lse = _flash_forward(q, k, v, block)
-  return out, _flash_tangent(q, k, v, out, lse, dq, dk, dv, block)
+@fused_attention.defjvp
+def _fused_attention_jvp(kern, primals, tangents):
+  out = kernels.primal_fn(kern.primal, kern.block_k)(*primals)
+  dout = kernels.attention_tangent(*primals, *tangents, primal=kern.primal,
+                                   kernel=kern.tangent, block_q=kern.block_q,
+                                   block_k=kern.block_k)
+  return out, dout
 
 
-def _flash_impl(q, k, v, block_size=0):
-  return flash_attention(q, k, v, block_size or FLASH_BLOCK)
+def _batch_sharded(fn, q: jax.Array):
+  """fn under shard_map over the batch (and heads over 'tensor') when a mesh is active
+  (sharding.activation_mesh): XLA cannot partition a Pallas custom call itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = sharding.BATCH_AXES
+  if mesh.empty or not all(a in mesh.axis_names for a in axes):
+    return fn
+  if q.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return fn
+  tensor = mesh.shape.get('tensor', 1)
+  heads = 'tensor' if tensor > 1 and q.shape[2] % tensor == 0 else None
+  spec = jax.sharding.PartitionSpec(axes, None, heads, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=False)
 
 
-# impl name -> function(q, k, v, block_size). Fused kernels register here.
-ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {
-    'xla': lambda q, k, v, block_size=0: _xla_attention(q, k, v),
-    'flash': _flash_impl,
-}
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-              impl: str = 'xla', block_size: int = 0) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = 'xla',
+              block_size: int = 0, block_q: int = 0) -> jax.Array:
   """Multi-head attention softmax(q kᵀ / sqrt(Dh)) v; q/k/v [B, L, H, Dh] -> same.
 
   The single attention entry point of every model, so that swapping the kernel
-  (`impl`) changes all of them. Both are differentiable by jax.jvp and jax.grad:
-  'xla' is plain einsum attention (O(L²) memory); 'flash' is blockwise with a
-  custom JVP (O(L) memory), `block_size` keys per block (0 = FLASH_BLOCK).
+  (`impl`, see the module docstring) changes all of them. Every impl is
+  differentiable by jax.jvp and jax.grad. `block_size` is the keys per block of the
+  blockwise kernels and of the Pallas tile, `block_q` the queries per Pallas tile
+  (0 = defaults per backend: kernels.FLASH_BLOCK, kernels.DEFAULT_BLOCKS).
   """
   if impl not in ATTENTION_IMPLS:
     raise ConfigError(
         f'Unknown attention implementation {impl!r}; set model.attn_impl to one '
         f'of {sorted(ATTENTION_IMPLS)}.')
-  return ATTENTION_IMPLS[impl](q, k, v, block_size=block_size)
+  if impl == 'xla':
+    return _xla_attention(q, k, v)
+  kern = kernels_for(impl, q, block_q, block_size)
+  fn = lambda q, k, v: fused_attention(q, k, v, kern)
+  if kern.tangent == 'pallas':
+    fn = _batch_sharded(fn, q)
+  return fn(q, k, v)
 
 
 def heads_for(channels: int, num_heads: int, head_dim: int) -> int:
@@ -207,7 +156,8 @@ class SelfAttention(nn.Module):
     qk_norm: RMS-normalize q and k.
     dtype: compute dtype of the projections.
     impl: attention implementation, see `attention`.
-    block_size: keys per block of blockwise implementations (0 = default).
+    block_size: keys per block of the fused implementations (0 = default).
+    block_q: queries per tile of the Pallas kernel (0 = default).
   """
   num_heads: int = 4
   head_dim: int = 0
@@ -215,6 +165,7 @@ class SelfAttention(nn.Module):
   dtype: Any = jnp.float32
   impl: str = 'xla'
   block_size: int = 0
+  block_q: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -227,7 +178,8 @@ class SelfAttention(nn.Module):
     if self.qk_norm:
       q = nn.RMSNorm(dtype=jnp.float32, name='q_norm')(q).astype(self.dtype)
       k = nn.RMSNorm(dtype=jnp.float32, name='k_norm')(k).astype(self.dtype)
-    out = attention(q, k, v, impl=self.impl, block_size=self.block_size)
+    out = attention(q, k, v, impl=self.impl, block_size=self.block_size,
+                    block_q=self.block_q)
     out = out.reshape(tokens.shape[:2] + (channels,))
     out = nn.Dense(channels, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                    name='proj')(out)

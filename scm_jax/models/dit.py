@@ -81,6 +81,7 @@ class DiTBlock(nn.Module):
   dtype: Any = jnp.float32
   attn_impl: str = 'xla'
   attn_block_size: int = 0
+  attn_block_q: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
@@ -90,7 +91,7 @@ class DiTBlock(nn.Module):
     h = norm('norm_attn')(x, emb)
     x = x + attention.SelfAttention(self.num_heads, self.head_dim, self.qk_norm,
                                  self.dtype, self.attn_impl, self.attn_block_size,
-                                 name='attn')(h)
+                                 self.attn_block_q, name='attn')(h)
     h = norm('norm_mlp')(x, emb)
     h = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, name='fc1')(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(h))
@@ -120,8 +121,10 @@ class DiT(layers.SCMNetwork):
     num_classes: classes; 0 = unconditional; label `num_classes` is the null class.
     logvar_channels: width of the positional embedding of the logvar head.
     dtype: compute dtype, 'float32' or 'bfloat16' (parameters stay float32).
-    attn_impl: attention implementation, see attention.attention ('flash' for scale).
-    attn_block_size: keys per block for attn_impl='flash' (0 = attention.FLASH_BLOCK).
+    attn_impl: attention implementation, see attention.attention: 'xla', 'flash'
+      or 'pallas' (fused forward, blockwise / Pallas JVP kernel).
+    attn_block_size: keys per block of 'flash' and 'pallas' (0 = per-backend default).
+    attn_block_q: queries per tile of the 'pallas' kernel (0 = per-backend default).
     remat: rematerialization policy of each block, see layers.REMAT_POLICIES.
     out_channels: output channels; 0 means the input's.
   """
@@ -135,6 +138,7 @@ class DiT(layers.SCMNetwork):
   freq_dim: int = 256
   attn_impl: str = 'xla'
   attn_block_size: int = 0
+  attn_block_q: int = 0
   remat: str = 'none'
   out_channels: int = 0
 
@@ -174,7 +178,7 @@ class DiT(layers.SCMNetwork):
     for i in range(self.depth):
       h = block(self.num_heads, self.head_dim, self.mlp_ratio, self.qk_norm,
                 self.dropout, self.norm_mode, dtype, self.attn_impl,
-                self.attn_block_size, name=f'block{i}')(h, emb, train)
+                self.attn_block_size, self.attn_block_q, name=f'block{i}')(h, emb, train)
 
     h = layers.AdaptiveNorm(mode=self.norm_mode, norm='layer', epsilon=1e-6,
                             dtype=dtype, name='norm_out')(h, emb)

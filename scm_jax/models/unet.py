@@ -56,12 +56,15 @@ class AttnBlock(nn.Module):
   qk_norm: bool = False
   dtype: Any = jnp.float32
   impl: str = 'xla'
+  block_size: int = 0
+  block_q: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = _group_norm(x.shape[-1], 'norm')(x).astype(self.dtype)
     return x + attention.SelfAttention(self.num_heads, self.head_dim, self.qk_norm,
-                                    self.dtype, self.impl, name='attn')(h)
+                                    self.dtype, self.impl, self.block_size, self.block_q,
+                                    name='attn')(h)
 
 
 class Downsample(nn.Module):
@@ -119,7 +122,10 @@ class UNet(layers.SCMNetwork):
     resample: 'avgpool' (avg-pool + conv) or 'strided' (stride-2 conv) down;
       upsampling is always nearest + conv.
     dtype: compute dtype of convs/denses, 'float32' or 'bfloat16'.
-    attn_impl: attention implementation (see attention.attention).
+    attn_impl: attention implementation (see attention.attention): 'xla', 'flash'
+      or 'pallas'.
+    attn_block_size: keys per block of 'flash' and 'pallas' (0 = per-backend default).
+    attn_block_q: queries per tile of the 'pallas' kernel (0 = per-backend default).
     out_channels: output channels; 0 means the input's.
     remat: rematerialization policy of every ResBlock and attention block (see
       layers.REMAT_POLICIES); trades compute for activation memory at scale.
@@ -133,6 +139,8 @@ class UNet(layers.SCMNetwork):
   qk_norm: bool = False
   resample: str = 'avgpool'
   attn_impl: str = 'xla'
+  attn_block_size: int = 0
+  attn_block_q: int = 0
   out_channels: int = 0
   remat: str = 'none'
 
@@ -178,7 +186,8 @@ class UNet(layers.SCMNetwork):
       if h.shape[1] not in self.attn_resolutions:
         return h
       return attn_cls(self.num_heads, self.head_dim, self.qk_norm, dtype,
-                      self.attn_impl, name=name)(h)
+                      self.attn_impl, self.attn_block_size, self.attn_block_q,
+                      name=name)(h)
 
     last = len(self.channel_mult) - 1
     h = _conv(self.channels, dtype, 'conv_in')(x.astype(dtype))
