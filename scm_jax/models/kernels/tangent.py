@@ -24,9 +24,18 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import mlir
 
 from scm_jax.models.kernels import blockwise, pallas
+
+try:  # the public re-exports (JAX 0.10); newer JAX may keep them only in jax._src
+  from jax.core import ShapedArray
+  from jax.interpreters import ad, batching
+  _ = (ad.primitive_jvps, ad.primitive_transposes, ad.Zero, batching.primitive_batchers,
+       batching.bdim_at_front)
+except (ImportError, AttributeError):
+  from jax._src.core import ShapedArray  # pylint: disable=ungrouped-imports
+  from jax._src.interpreters import ad, batching
 
 KERNELS = ('blockwise', 'pallas')
 
@@ -73,7 +82,7 @@ def attention_tangent(q, k, v, dq, dk, dv, *, primal: str, kernel: str,
 
 
 def _abstract_eval(q, k, v, dq, dk, dv, **_):
-  return jax.core.ShapedArray(q.shape[:-1] + v.shape[-1:], v.dtype)
+  return ShapedArray(q.shape[:-1] + v.shape[-1:], v.dtype)
 
 
 def _evaluate(platform, q, k, v, dq, dk, dv, *, primal, kernel, block_q, block_k):
@@ -85,8 +94,13 @@ def _evaluate(platform, q, k, v, dq, dk, dv, *, primal, kernel, block_q, block_k
                               backend=backend, interpret=platform == 'cpu')[1]
 
 
-def _impl(*args, **params):
-  return jax.jit(functools.partial(attention_tangent_p.bind, **params))(*args)
+@functools.lru_cache(maxsize=None)
+def _jitted(params: tuple):
+  return jax.jit(functools.partial(attention_tangent_p.bind, **dict(params)))
+
+
+def _impl(*args, **params):   # eager calls: compiled once per parameter set
+  return _jitted(tuple(sorted(params.items())))(*args)
 
 
 def _jvp(primals, tangents, *, primal, kernel, block_q, block_k):
