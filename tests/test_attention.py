@@ -85,10 +85,12 @@ def test_attention_jvp_matches_finite_differences():
   assert _rel(tangent, fd) < 1e-3
 
 
-def test_attention_unknown_impl():
+def test_attention_config_errors():
   q, k, v = _arrays((2, 5, 3, 4))
   with pytest.raises(ConfigError, match="'splash'.*flash.*pallas.*xla"):
     attention.attention(q, k, v, impl='splash')
+  with pytest.raises(ConfigError, match='attn_block_q=-8'):
+    attention.attention(q, k, v, impl='pallas', block_q=-8)
 
 
 def test_self_attention_qk_norm_is_scale_invariant():

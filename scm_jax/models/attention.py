@@ -116,6 +116,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = 'xla',
     raise ConfigError(
         f'Unknown attention implementation {impl!r}; set model.attn_impl to one '
         f'of {sorted(ATTENTION_IMPLS)}.')
+  if block_size < 0 or block_q < 0:
+    raise ConfigError(f'Attention block sizes must be >= 0 (0 = per-backend default), got '
+                      f'model.attn_block_size={block_size}, model.attn_block_q={block_q}.')
   if impl == 'xla':
     return _xla_attention(q, k, v)
   kern = kernels_for(impl, q, block_q, block_size)
