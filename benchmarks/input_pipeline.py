@@ -1,6 +1,6 @@
 """Input pipeline throughput: the grain training stream on images and in-memory data.
 
-    python benchmarks/input_pipeline.py [--num_images=2000] [--image_size=32]
+    python -m benchmarks.input_pipeline [--num_images=2000] [--image_size=32]
         [--batch=128] [--batches=16] [--workers=0,2,4] [--repeats=2] [--out=FILE.json]
 
 Datasets, generated locally (no network):
