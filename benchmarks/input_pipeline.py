@@ -1,6 +1,6 @@
 """Input pipeline throughput: the grain training stream on images and in-memory data.
 
-    python benchmarks/input_pipeline.py [--num_images=2000] [--image_size=32]
+    python -m benchmarks.input_pipeline [--num_images=2000] [--image_size=32]
         [--batch=128] [--batches=16] [--workers=0,2,4] [--repeats=2] [--out=FILE.json]
 
 Datasets, generated locally (no network):
@@ -27,22 +27,20 @@ import io
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import grain  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from PIL import Image  # noqa: E402
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from PIL import Image
 
-from benchmarks import common  # noqa: E402
-from scm_jax import data as data_lib  # noqa: E402
-from scm_jax.data.base import LOCAL_READ  # noqa: E402
+from benchmarks import common
+from scm_jax import data as data_lib
+from scm_jax.data.base import LOCAL_READ
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 2000, 'Images in the folder / tfds sets.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'Decoded images are resized to this.')

@@ -3,13 +3,16 @@
 Draws --num samples per sampler in mesh-sharded batches from a training workdir's
 checkpoint, extracts features in batches and computes the metrics against reference
 data (the config's data source, split --ref_split) or published statistics
-(--ref_stats=.npz with mu, sigma, as pytorch-fid / clean-fid write them).
+(--ref_stats=.npz with mu, sigma, as pytorch-fid / clean-fid write them; for FD_DINOv2
+--ref_stats_dinov2, the same format). FID and FD_DINOv2 as the paper reports them:
+--metrics=fid,fd_dinov2 --inception_weights=... --dinov2_weights=... (one table).
 
 --steps are consistency steps for sCT/sCD models and PF-ODE steps (--solver) for
 diffusion teachers. Results go to DIR/eval/metrics_<ckpt step>.json (entries of earlier
 runs at that step are kept) and TensorBoard (DIR/eval/tb, tags <sampler>/<metric>).
 Metrics: see scm_jax/evaluation/evaluator.py (`auto`: by data shape; FID needs
---inception_weights, see scm_jax/evaluation/convert_inception.py).
+--inception_weights, see scm_jax/evaluation/convert_inception.py; FD_DINOv2 needs
+--dinov2_weights, see scm_jax/evaluation/convert_dinov2.py).
 """
 
 import json
@@ -24,8 +27,8 @@ from scm_jax import cli
 from scm_jax.core import sampling
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
-_METRICS = flags.DEFINE_list('metrics', ['auto'], 'Metrics (fid, pr, fd_digits, pr_digits, '
-                             'digits_cls, energy, swd) or auto (by data shape).')
+_METRICS = flags.DEFINE_list('metrics', ['auto'], 'Metrics (fid, fd_dinov2, pr, fd_digits, '
+                             'pr_digits, digits_cls, energy, swd) or auto (by data shape).')
 _NUM = flags.DEFINE_integer('num', 10000, 'Samples per sampler.')
 _STEPS = flags.DEFINE_list('steps', None, 'Consistency steps (sCM) or PF-ODE steps (diffusion); '
                            'default 1,2 or config.sample.ode_steps.')
@@ -39,13 +42,17 @@ _GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.
 _CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).')
 _INCEPTION = flags.DEFINE_string('inception_weights', os.environ.get('SCM_JAX_INCEPTION_WEIGHTS', ''),
                                  'Converted FID Inception .npz (env SCM_JAX_INCEPTION_WEIGHTS).')
+_DINOV2 = flags.DEFINE_string('dinov2_weights', os.environ.get('SCM_JAX_DINOV2_WEIGHTS', ''),
+                              'Converted DINOv2 ViT-L/14 .npz (env SCM_JAX_DINOV2_WEIGHTS).')
 _DIGITS = flags.DEFINE_string('digits_weights', '', 'Digits classifier .npz (default packaged).')
 _REF_STATS = flags.DEFINE_string('ref_stats', None, 'Reference FID statistics .npz (mu, sigma).')
+_REF_STATS_DINOV2 = flags.DEFINE_string('ref_stats_dinov2', None,
+                                       'Reference FD_DINOv2 statistics .npz (mu, sigma).')
 _REF_SPLIT = flags.DEFINE_string('ref_split', None, 'Reference data split (default config.data.split).')
 _REF_NUM = flags.DEFINE_integer('ref_num', 0, 'Reference samples (0 = the whole split).')
 _PR_K = flags.DEFINE_integer('pr_k', 3, 'k of k-NN precision / recall.')
 _QUANTIZE = flags.DEFINE_bool('quantize', True, 'Round samples to 8 bits before Inception '
-                              '(as images saved to PNG).')
+                              'and DINOv2 (as images saved to PNG).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -81,8 +88,11 @@ def main(argv):
   samplers = generate.samplers_for(exp.is_consistency_model, _STEPS.value or default_steps,
                                    _SOLVER.value or c.sample.ode_solver)
   ref_stats = fid_lib.load_stats(_REF_STATS.value, 2048) if _REF_STATS.value else None
+  ref_stats_dinov2 = (fid_lib.load_stats(_REF_STATS_DINOV2.value)  # dim checked vs weights
+                      if _REF_STATS_DINOV2.value else None)
   ref_split = _REF_SPLIT.value or c.data.split
-  needs_data = [m for m in metrics if not (m == 'fid' and ref_stats is not None)]
+  needs_data = evaluator_lib.needs_reference(
+      metrics, {'fid': ref_stats, 'fd_dinov2': ref_stats_dinov2})
   reference = (generate.reference_data(c.data, ref_split, _REF_NUM.value)
                if needs_data else None)
   eval_dir = os.path.join(_WORKDIR.value, 'eval')
@@ -90,6 +100,7 @@ def main(argv):
       metrics, reference, inception_weights=_INCEPTION.value, ref_stats=ref_stats,
       digits_weights=_DIGITS.value, batch_size=_FEATURE_BATCH.value, mesh=exp.mesh,
       pr_k=_PR_K.value, cache_dir=eval_dir, quantize=_QUANTIZE.value,
+      dinov2_weights=_DINOV2.value, ref_stats_dinov2=ref_stats_dinov2,
       cache_tag=f'{c.data.name}_{ref_split}_{0 if reference is None else len(reference)}')
   params = state_lib.pick_params(state, c.sample.ema if _EMA.value is None else _EMA.value)
 
@@ -115,7 +126,8 @@ def main(argv):
 
   settings = {'metrics': metrics, 'num': _NUM.value, 'seed': _SEED.value,
               'ema': _EMA.value or c.sample.ema or 'default', 'guidance': _GUIDANCE.value,
-              'ref_stats': _REF_STATS.value, 'ref_split': ref_split,
+              'ref_stats': _REF_STATS.value, 'ref_stats_dinov2': _REF_STATS_DINOV2.value,
+              'ref_split': ref_split,
               'ref_num': None if reference is None else len(reference), 'pr_k': _PR_K.value}
   path = os.path.join(eval_dir, f'metrics_{step}.json')
   _write_json(path, step, results, settings)

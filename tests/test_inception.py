@@ -67,7 +67,7 @@ def test_feature_extraction_is_batch_size_invariant():
   net = inception.InceptionV3FID(75)
   variables = inception.random_variables(2, 75)
   x = np.random.default_rng(0).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)
-  prepare = features.inception_input
+  prepare = features.image_input
   f2 = features.Extractor(net.apply, variables, 2, prepare=prepare)(x)
   f4 = features.Extractor(net.apply, variables, 4, prepare=prepare)(x)
   assert f2.shape == (5, inception.FEATURE_DIM) and np.all(np.isfinite(f2))

@@ -38,8 +38,9 @@ def convert_state_dict(state_dict: dict) -> dict[str, np.ndarray]:
     if name.startswith(_UNUSED_PREFIXES) or name.endswith('num_batches_tracked'):
       continue
     value = np.asarray(value, np.float32)
-    *module, layer, kind = name.split('.')
-    path = '/'.join(module)
+    head, _, kind = name.rpartition('.')
+    module, _, layer = head.rpartition('.')
+    path = module.replace('.', '/')
     if layer == 'conv' and kind == 'weight':
       flat[f'params/{path}/conv/kernel'] = np.transpose(value, (2, 3, 1, 0))
     elif layer == 'bn' and kind in _BN:
@@ -51,25 +52,12 @@ def convert_state_dict(state_dict: dict) -> dict[str, np.ndarray]:
   return flat
 
 
-def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a PyTorch state dict (.pth) as numpy arrays; needs torch."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise CheckpointError('reading a .pth file needs torch: `pip install torch` (CPU build '
-                          'is enough), then rerun the converter.') from None
-  state = torch.load(path, map_location='cpu', weights_only=True)
-  if not isinstance(state, dict):
-    raise CheckpointError(f'{path} holds a {type(state).__name__}, not a state dict.')
-  return {k: v.detach().cpu().numpy() for k, v in state.items()}
-
-
 def convert_file(src: str, out: str) -> dict[str, np.ndarray]:
   """Converts src (.pth) into out (.npz) and verifies it loads into the Flax network."""
   from scm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
   if not os.path.exists(src):
     raise CheckpointError(f'{src} not found. {inception.WEIGHTS_HELP}')
-  flat = convert_state_dict(read_torch_state_dict(src))
+  flat = convert_state_dict(npz_tree.read_torch_state_dict(src))
   bad = npz_tree.mismatches(flat, inception.abstract_variables())
   if bad:
     raise CheckpointError(f'{src} is not the FID Inception-v3 ({len(bad)} problems, e.g. '

@@ -65,10 +65,11 @@ def to_unit_interval(x: np.ndarray, quantize: bool = True) -> np.ndarray:
   return u.astype(np.float32)
 
 
-def inception_input(x: np.ndarray, quantize: bool = True) -> np.ndarray:
-  """[N, H, W, 1 or 3] samples in [-1, 1] -> Inception input [N, H, W, 3] in [0, 1]."""
+def image_input(x: np.ndarray, quantize: bool = True) -> np.ndarray:
+  """[N, H, W, 1 or 3] samples in [-1, 1] -> [N, H, W, 3] in [0, 1]: the host-side input of
+  the FID Inception and the FD_DINOv2 network (each resizes and normalizes on device)."""
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
-    raise ConfigError(f'FID needs images [N, H, W, 1 or 3]; these samples have shape '
-                      f'{x.shape[1:]}. Use --metrics=energy,swd for vector data.')
+    raise ConfigError(f'FID / FD_DINOv2 need images [N, H, W, 1 or 3]; these samples have '
+                      f'shape {x.shape[1:]}. Use --metrics=energy,swd for vector data.')
   u = to_unit_interval(x, quantize)
   return np.repeat(u, 3, axis=-1) if u.shape[-1] == 1 else u

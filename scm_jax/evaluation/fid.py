@@ -102,5 +102,5 @@ def load_stats(path: str, dim: int = 0) -> tuple[np.ndarray, np.ndarray]:
                     'covariance.')
   if dim and mu.shape[0] != dim:
     raise DataError(f'{path} holds {mu.shape[0]}-d statistics but the features are {dim}-d '
-                    '(FID uses Inception pool3, 2048-d).')
+                    '(FID: Inception pool3, 2048-d; FD_DINOv2: ViT-L/14 CLS, 1024-d).')
   return mu, sigma

@@ -250,12 +250,7 @@ def load_inception_params(path: str) -> dict:
   Raises CheckpointError (with how to get the file) when it is missing or does not hold
   the FID Inception-v3.
   """
-  try:
-    flat = npz_tree.read(path)
-  except FileNotFoundError:
-    raise CheckpointError(f'Inception weights file {path!r} not found. {WEIGHTS_HELP}') from None
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'cannot read Inception weights {path!r} ({e}). {WEIGHTS_HELP}') from None
+  flat = npz_tree.read_weights(path, 'Inception', WEIGHTS_HELP)
   expected = abstract_variables()
   bad = npz_tree.mismatches(flat, expected)
   if bad:
