@@ -96,8 +96,9 @@ def _check_values(x: np.ndarray, path: str, latents: bool = False) -> np.ndarray
     chunk = np.asarray(x[start:start + _CHUNK])
     # Checked as float32, the dtype training sees: float64 values beyond float32's
     # range would become Inf there.
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(
-        chunk.astype(np.float32)).all():
+    with np.errstate(over='ignore'):  # the overflow is what this looks for
+      as_float32 = chunk.astype(np.float32)
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(as_float32).all():
       if np.isfinite(chunk).all():
         raise DataError(f'Array file {path} holds values beyond float32 range '
                         f'(|x| > {np.finfo(np.float32).max:.3g}); rescale the data.')
