@@ -44,7 +44,9 @@ def test_second_training_on_a_busy_workdir_is_refused_and_the_first_goes_on(tmp_
   workdir = str(tmp_path / 'run')
   first = helpers.launch_toy(workdir, **{**SHORT, 'train.num_steps': 100})
   assert helpers.wait_until(first, lambda: helpers.logged_step(workdir) >= 10)
+  first.send_signal(signal.SIGSTOP)  # paused, holding the lock: it cannot finish meanwhile
   second = _run(workdir, **{'train.num_steps': 100})
+  first.send_signal(signal.SIGCONT)
   line = _one_error_line(second, 'is in use by', f'pid {first.pid}', 'another --workdir')
   assert 'host ' in line
   assert first.wait(timeout=600) == 0, open(workdir + '.log').read()[-3000:]
