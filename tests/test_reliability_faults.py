@@ -92,8 +92,8 @@ def test_random_faults_then_finish_equals_the_uninterrupted_run(tmp_path):
       if fault != 'kill':
         outcome += '; ' + _damage(workdir, fault, rng)
     report.append((i, fault, outcome))
+    print(f'round {i}: {fault}: {outcome}; checkpoints {_steps(workdir)}', flush=True)
   p = helpers.finish_toy(workdir, **RUN)
-  print('\n'.join(f'round {i}: {fault}: {outcome}' for i, fault, outcome in report))
   state, _ = helpers.final_state(workdir)
   assert int(state.step) == 300
   helpers.assert_states_equal(state, reference)

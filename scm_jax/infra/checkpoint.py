@@ -40,6 +40,11 @@ from scm_jax.infra.fingerprint import data_digest, meta_digest, meta_problem, st
 CKPT_DIR = 'checkpoints'
 UNUSABLE_DIR = 'checkpoints_unusable'      # corrupted steps, moved aside on restore
 ROLLED_BACK_DIR = 'checkpoints_rolled_back'  # steps newer than a non-finite rollback target
+# Orbax renames old steps (beyond `keep`) into checkpoints/TRASH_DIR and this module
+# empties it: a deletion killed half-way must not leave a half checkpoint that looks
+# like a fallback.
+TRASH_DIR = '.deleted'
+
 # 2: the data position is the 'data' item (grain); format 1 kept it in the meta, and its
 # checkpoints can be sampled from but not resumed.
 FORMAT_VERSION = 2
@@ -139,7 +144,8 @@ class Checkpointer:
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              cleanup_tmp_directories=True,
-                                             enable_async_checkpointing=async_save)
+                                             enable_async_checkpointing=async_save,
+                                             todelete_subdir=TRASH_DIR)
     # Explicit handlers (not just item names): a fresh process can then read one item
     # (the meta, the state's array metadata) without restoring the others.
     self.manager = ocp.CheckpointManager(
@@ -147,6 +153,13 @@ class Checkpointer:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
+    self._empty_trash()
+
+  def _empty_trash(self) -> None:
+    """Removes the steps Orbax retired (renamed whole into TRASH_DIR, so a kill while
+    removing them leaves nothing that looks like a checkpoint)."""
+    if not self.read_only and jax.process_index() == 0:
+      shutil.rmtree(os.path.join(self.directory, TRASH_DIR), ignore_errors=True)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -181,6 +194,7 @@ class Checkpointer:
     save is finished first, as Orbax would before starting this one anyway.
     """
     self.wait()
+    self._empty_trash()
     need = self._checkpoint_bytes(state)
     free = shutil.disk_usage(self.directory).free
     if free < need:
@@ -207,6 +221,7 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+    self._empty_trash()
 
   def read_meta(self, step: int) -> dict:
     """The step's 'meta' item (JSON), read alone; CheckpointError if it is unreadable or
