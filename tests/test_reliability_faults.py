@@ -16,7 +16,7 @@ import pytest
 from scm_jax.train.loop import train_and_evaluate
 from tests import helpers
 
-RUN = {'train.num_steps': 300, 'train.ckpt_every': 25, 'train.keep_ckpts': 2}
+RUN = {'train.num_steps': 600, 'train.ckpt_every': 25, 'train.keep_ckpts': 2}
 ROUNDS = 12
 FAULTS = ('kill', 'sigterm', 'concurrent_start', 'flip_array_byte', 'edit_meta',
           'edit_data_position')
@@ -58,14 +58,17 @@ def test_random_faults_then_finish_equals_the_uninterrupted_run(tmp_path):
   reference = train_and_evaluate(helpers.toy_config(**RUN), reference_dir).state
   workdir = str(tmp_path / 'faulty')
   rng = random.Random(2026)
+  faults = list(FAULTS) * (ROUNDS // len(FAULTS))  # every fault twice, in random order
+  rng.shuffle(faults)
   report = []
-  for i in range(ROUNDS):
-    fault = rng.choice(FAULTS)
+  for i, fault in enumerate(faults):
     p = helpers.launch_toy(workdir, **RUN)
     started = lambda: any(m in open(workdir + '.log').read()  # noqa: E731
                           for m in ('resumed from step', 'starting from scratch'))
     assert helpers.wait_until(p, started, timeout=600), open(workdir + '.log').read()[-2000:]
-    target = min(helpers.logged_step(workdir) + rng.randint(10, 60), 290)
+    log = open(workdir + '.log').read()
+    start = int(log.split('resumed from step ')[1].split()[0]) if 'resumed' in log else 0
+    target = min(start + rng.randint(10, 60), 590)
     if not helpers.wait_until(p, lambda: helpers.logged_step(workdir) >= target, timeout=600):
       report.append((i, fault, 'run finished first'))
       break
@@ -95,7 +98,7 @@ def test_random_faults_then_finish_equals_the_uninterrupted_run(tmp_path):
     print(f'round {i}: {fault}: {outcome}; checkpoints {_steps(workdir)}', flush=True)
   p = helpers.finish_toy(workdir, **RUN)
   state, _ = helpers.final_state(workdir)
-  assert int(state.step) == 300
+  assert int(state.step) == 600
   helpers.assert_states_equal(state, reference)
   unusable = os.path.join(workdir, 'checkpoints_unusable')
   damaged = [r for r in report if 'damaged step' in r[2]]

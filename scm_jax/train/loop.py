@@ -112,17 +112,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   preemption.Preempted; non-finite streaks stop (NonFiniteError, carrying the Run as
   `.run`) or roll back (train/nonfinite.py). Returns the Run (Experiment, final state).
   """
-  exp = experiment_lib.Experiment(config, dxdt_fn=dxdt_fn, init_params=init_params,
-                                  source=source)
-  exp.teacher  # pylint: disable=pointless-statement  # a bad teacher fails before any write
-  with _owned_workdir(workdir):
-    try:
-      return _train(exp, workdir)
-    except Exception as e:  # pylint: disable=broad-except
-      failure = workdir_lib.io_failure(e, workdir)
-      if failure is None:
-        raise
-      raise failure from None
+  # Signals are caught from the start: one during start-up stops the run after its
+  # first step, with a checkpoint, like one later on.
+  with preemption.PreemptionHandler(config.train.handle_signals) as preempt:
+    exp = experiment_lib.Experiment(config, dxdt_fn=dxdt_fn, init_params=init_params,
+                                    source=source)
+    exp.teacher  # pylint: disable=pointless-statement  # a bad teacher fails before any write
+    with _owned_workdir(workdir):
+      try:
+        return _train(exp, workdir, preempt)
+      except Exception as e:  # pylint: disable=broad-except
+        failure = workdir_lib.io_failure(e, workdir)
+        if failure is None:
+          raise
+        raise failure from None
 
 
 @contextlib.contextmanager
@@ -157,7 +160,8 @@ def _from_process_0(text: str, size: int = 4096) -> str:
   return bytes(out[out != 0]).decode(errors='replace')
 
 
-def _train(exp: experiment_lib.Experiment, workdir: str) -> Run:
+def _train(exp: experiment_lib.Experiment, workdir: str,
+           preempt: preemption.PreemptionHandler) -> Run:
   """The loop proper, in a prepared and locked workdir."""
   c = exp.config
   is_main = jax.process_index() == 0
@@ -183,7 +187,6 @@ def _train(exp: experiment_lib.Experiment, workdir: str) -> Run:
     pbar = tqdm(total=c.train.num_steps, initial=start, desc='train', dynamic_ncols=True)
   history, t_last, step = [], time.time(), start
   by_t = []  # (step, scalars) snapshots for the loss-by-time plot
-  preempt = preemption.PreemptionHandler(c.train.handle_signals).install()
   try:
     while step < c.train.num_steps:
       step += 1
@@ -224,7 +227,6 @@ def _train(exp: experiment_lib.Experiment, workdir: str) -> Run:
     e.run = Run(exp, state)  # a sweep evaluates a stopped run as a result
     raise
   finally:
-    preempt.uninstall()
     stream.close()
     ckpt.close()
     writer.close()
