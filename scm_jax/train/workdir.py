@@ -29,9 +29,11 @@ METRICS_FILE = 'metrics.jsonl'
 # Config fields a run must resume with: what the parameters and the data stream mean.
 # Other fields (length, learning rate, logging, mesh, ...) may change, with a warning.
 RESUME_FIXED = ('seed', 'data', 'model', 'trigflow', 'loss.kind')
-# ... except these, which change where or how the same data is read, not what it is.
+# ... except these, which change where or how the same data is read, or how the same
+# function of the same parameters is computed (kernels, block sizes, remat, precision).
 RESUME_FREE = ('data.prefetch', 'data.data_dir', 'data.download', 'data.eval_split',
-               'data.num_test')
+               'data.num_test', 'model.attn_impl', 'model.attn_block_size',
+               'model.attn_block_q', 'model.remat', 'model.dtype')
 # Changes not worth a warning on resume (a run's length and cadence).
 QUIET = ('train',)
 
