@@ -43,14 +43,15 @@ def _define_flags():
   flags.DEFINE_string('root', None, 'Sweep directory (default runs/sweeps/<sweep name>).')
   flags.DEFINE_multi_string('set', [], 'Override for every point (wins over the sweep), '
                             'e.g. --set=train.num_steps=2000 (repeatable).')
-  flags.DEFINE_integer('parallel', 1, 'local: jobs run at once (1 = sequential).')
+  flags.DEFINE_integer('parallel', 1, 'local: jobs run at once (1 = sequential).',
+                       lower_bound=1)
   flags.DEFINE_bool('dry_run', False, 'Write workdirs / scripts and print the commands, '
                     'but run or submit nothing.')
   flags.DEFINE_string('only', '', 'Run only these point indices, e.g. "0,3,5-8" '
                       '(default all).')
   flags.DEFINE_bool('rerun', False, 'Also run points that already have result.json.')
   flags.DEFINE_integer('eval_num', 2000, 'Samples (and held-out examples, at most) for the '
-                       'end-of-run energy distances.')
+                       'end-of-run energy distances.', lower_bound=1)
   flags.DEFINE_string('eval_ema', '', "Weights for the end-of-run samples: '' = the "
                       "config's sample.ema, 'params' = raw weights (short runs).")
   flags.DEFINE_string('python', None, 'Interpreter the jobs run (default: this one).')
@@ -59,11 +60,12 @@ def _define_flags():
                     'on this machine: local (processes) / debug (in this process).')
   flags.DEFINE_string('slurm_partition', '', 'sbatch --partition.')
   flags.DEFINE_string('slurm_time', '04:00:00', 'sbatch --time ([D-]HH:MM[:SS]).')
-  flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job (--gpus-per-node; 0 = none).')
-  flags.DEFINE_integer('slurm_cpus', 8, 'sbatch --cpus-per-task.')
+  flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job (--gpus-per-node; 0 = none).',
+                       lower_bound=0)
+  flags.DEFINE_integer('slurm_cpus', 8, 'sbatch --cpus-per-task.', lower_bound=1)
   flags.DEFINE_string('slurm_mem', '', "sbatch --mem (e.g. '64G').")
   flags.DEFINE_integer('slurm_array_parallelism', 0, 'Jobs of the array running at once '
-                       '(0 = submitit default).')
+                       '(0 = submitit default).', lower_bound=0)
   flags.DEFINE_multi_string('slurm_extra', [], 'Extra sbatch option, e.g. '
                             '--slurm_extra=--account=abc (repeatable).')
   flags.DEFINE_string('slurm_setup', '', 'Shell line run before the job (e.g. "module '

@@ -52,12 +52,38 @@ def config_value(holder):
   return value
 
 
+def int_list_flag(name: str, minimum: int = 0) -> None:
+  """Validates a DEFINE_list flag at parse time: comma-separated integers >= minimum."""
+  def valid(values):
+    try:
+      return values is None or all(int(v) >= minimum for v in values)
+    except ValueError:
+      return False
+  flags.register_validator(name, valid, message=f'--{name} takes comma-separated integers '
+                           f'>= {minimum}, e.g. --{name}={minimum},{minimum + 1}')
+
+
+def check_conditioning(num_classes: int, guidance: float = 1.0, labels=None) -> None:
+  """ConfigError unless --guidance / --labels fit the model: both need a class-
+  conditional model, and labels must be among its classes."""
+  if not num_classes and guidance != 1.0:
+    raise ConfigError(f'--guidance={guidance:g} needs a class-conditional model; this one is '
+                      'unconditional (num_classes=0): drop --guidance.')
+  if labels:
+    if not num_classes:
+      raise ConfigError('--labels given, but this model is unconditional (num_classes=0).')
+    bad = [int(v) for v in labels if not 0 <= int(v) < num_classes]
+    if bad:
+      raise ConfigError(f'--labels must be in [0, {num_classes - 1}] for this model; got '
+                        f'{bad[:5]}.')
+
+
 def _parse_flags(argv):
   """Flag parsing that reports a bad --config.x override in one line, not a traceback."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(f'{e}\nPass --helpfull to see the flags.')
+    _fail(f'{e} (--helpfull lists the flags).')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     msg = e.args[0] if e.args else str(e)
     msg = str(msg).replace('\\n', ' ').replace('\n', ' ').replace('\\', '').strip("'\"")

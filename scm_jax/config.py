@@ -122,6 +122,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   Builds nothing: model fields are checked by name here and by value when the model
   is built; data sources check their own fields when built.
   """
+  _check(c.seed >= 0, f'config.seed must be >= 0, got {c.seed}.')
   _check_choice('loss.kind', c.loss.kind, losses.LOSS_KINDS)
   _check(c.trigflow.sigma_d > 0, f'config.trigflow.sigma_d must be > 0, got {c.trigflow.sigma_d}.')
   _check(c.loss.p_std > 0, f'config.loss.p_std must be > 0, got {c.loss.p_std}.')
@@ -129,10 +130,17 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check(c.loss.tangent_norm_c > 0, 'config.loss.tangent_norm_c must be > 0 (paper: 0.1).')
   _check_choice('loss.time_derivative', c.loss.time_derivative, losses.TIME_DERIVATIVES)
   _check(0 <= c.loss.label_dropout < 1, 'config.loss.label_dropout must be in [0, 1).')
+  _check(c.loss.fd_eps > 0, f'config.loss.fd_eps must be > 0, got {c.loss.fd_eps}.')
+  _check(c.loss.num_time_buckets >= 1, 'config.loss.num_time_buckets must be >= 1.')
   _check_choice('optim.name', c.optim.name, state_lib.OPTIMIZERS)
   _check_choice('optim.schedule', c.optim.schedule, state_lib.SCHEDULES)
   _check(c.optim.lr > 0, f'config.optim.lr must be > 0, got {c.optim.lr}.')
   _check(c.optim.grad_clip >= 0, 'config.optim.grad_clip must be >= 0 (0 disables).')
+  _check(0 <= c.optim.b1 < 1 and 0 <= c.optim.b2 < 1,
+         f'config.optim.b1 and b2 must be in [0, 1), got {c.optim.b1}, {c.optim.b2}.')
+  _check(c.optim.eps > 0, f'config.optim.eps must be > 0, got {c.optim.eps}.')
+  for k in ('warmup_steps', 'decay_steps', 'weight_decay'):
+    _check(c.optim[k] >= 0, f'config.optim.{k} must be >= 0, got {c.optim[k]}.')
   state_lib.check_ema_config(c.ema)
   if 'teacher' in c:  # absent from configs saved before sCD existed
     _check(c.teacher.guidance >= 0, 'config.teacher.guidance must be >= 0 (1 = no guidance).')
@@ -152,6 +160,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   except ValueError:
     raise ConfigError(f'config.sample.t_mid must be in (0, pi/2), got {c.sample.t_mid}.') from None
   _check(all(s >= 1 for s in c.sample.steps), 'config.sample.steps entries must be >= 1.')
+  _check(c.sample.num >= 1, f'config.sample.num must be >= 1, got {c.sample.num}.')
+  _check(c.sample.ode_steps >= 1, f'config.sample.ode_steps must be >= 1, got '
+         f'{c.sample.ode_steps}.')
   _check_choice('sample.ode_solver', c.sample.ode_solver, sampling.ODE_SOLVERS)
   _check_choice('sample.ode_schedule', c.sample.ode_schedule, sampling.ODE_SCHEDULES)
   _check_choice('sharding.strategy', c.sharding.strategy, sharding.STRATEGIES)

@@ -28,8 +28,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe whose data/vae
 _VAE = flags.DEFINE_string('vae', None, 'VAE weights (overrides config.vae.path).')
 _SPLIT = flags.DEFINE_string('split', None, 'Data split (default config.data.split).')
 _OUT = flags.DEFINE_string('out', None, 'Output .npz or .npy file.')
-_LIMIT = flags.DEFINE_integer('limit', 0, 'Encode only the first N examples (0 = all).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed for sampling the posterior (vae.sample_posterior).')
+_LIMIT = flags.DEFINE_integer('limit', 0, 'Encode only the first N examples (0 = all).',
+                              lower_bound=0)
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed for sampling the posterior (vae.sample_posterior).',
+                             lower_bound=0)
 flags.mark_flags_as_required(['config', 'out'])
 
 

@@ -19,3 +19,8 @@ class DataError(ScmJaxError, ValueError):
 
 class CheckpointError(ScmJaxError, RuntimeError):
   """A checkpoint is missing, corrupted or incompatible with the config."""
+
+
+class WorkdirError(ScmJaxError, RuntimeError):
+  """The workdir cannot be used: a path problem, no permission, no space left, or
+  another process is training in it."""

@@ -29,17 +29,21 @@ from scm_jax.core import sampling
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
 _METRICS = flags.DEFINE_list('metrics', ['auto'], 'Metrics (fid, fd_dinov2, pr, fd_digits, '
                              'pr_digits, digits_cls, energy, swd) or auto (by data shape).')
-_NUM = flags.DEFINE_integer('num', 10000, 'Samples per sampler.')
+_NUM = flags.DEFINE_integer('num', 10000, 'Samples per sampler.', lower_bound=1)
 _STEPS = flags.DEFINE_list('steps', None, 'Consistency steps (sCM) or PF-ODE steps (diffusion); '
                            'default 1,2 or config.sample.ode_steps.')
 _SOLVER = flags.DEFINE_enum('solver', None, list(sampling.ODE_SOLVERS),
                             'PF-ODE solver for diffusion models (default config).')
-_BATCH = flags.DEFINE_integer('batch_size', 500, 'Sampling batch (a multiple of the devices).')
-_FEATURE_BATCH = flags.DEFINE_integer('feature_batch_size', 100, 'Feature-extraction batch.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_BATCH = flags.DEFINE_integer('batch_size', 500, 'Sampling batch (a multiple of the devices).',
+                              lower_bound=1)
+_FEATURE_BATCH = flags.DEFINE_integer('feature_batch_size', 100, 'Feature-extraction batch.',
+                                      lower_bound=1)
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.', lower_bound=0)
 _EMA = flags.DEFINE_string('ema', None, "EMA to use ('params' = raw weights).")
-_GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.')
-_CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).')
+_GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.',
+                                lower_bound=0.0)
+_CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).',
+                                  lower_bound=0)
 _INCEPTION = flags.DEFINE_string('inception_weights', os.environ.get('SCM_JAX_INCEPTION_WEIGHTS', ''),
                                  'Converted FID Inception .npz (env SCM_JAX_INCEPTION_WEIGHTS).')
 _DINOV2 = flags.DEFINE_string('dinov2_weights', os.environ.get('SCM_JAX_DINOV2_WEIGHTS', ''),
@@ -49,11 +53,13 @@ _REF_STATS = flags.DEFINE_string('ref_stats', None, 'Reference FID statistics .n
 _REF_STATS_DINOV2 = flags.DEFINE_string('ref_stats_dinov2', None,
                                        'Reference FD_DINOv2 statistics .npz (mu, sigma).')
 _REF_SPLIT = flags.DEFINE_string('ref_split', None, 'Reference data split (default config.data.split).')
-_REF_NUM = flags.DEFINE_integer('ref_num', 0, 'Reference samples (0 = the whole split).')
-_PR_K = flags.DEFINE_integer('pr_k', 3, 'k of k-NN precision / recall.')
+_REF_NUM = flags.DEFINE_integer('ref_num', 0, 'Reference samples (0 = the whole split).',
+                                lower_bound=0)
+_PR_K = flags.DEFINE_integer('pr_k', 3, 'k of k-NN precision / recall.', lower_bound=1)
 _QUANTIZE = flags.DEFINE_bool('quantize', True, 'Round samples to 8 bits before Inception '
                               'and DINOv2 (as images saved to PNG).')
 flags.mark_flags_as_required(['workdir'])
+cli.int_list_flag('steps', minimum=1)
 
 
 def _write_json(path: str, step: int, results: dict, settings: dict) -> dict:
@@ -77,6 +83,10 @@ def main(argv):
   from scm_jax.train import experiment
   from scm_jax.train import state as state_lib
 
+  from scm_jax.train import workdir as workdir_lib
+  # Checked on the saved config before anything is built, sampled or written.
+  cli.check_conditioning(int(workdir_lib.load_config(_WORKDIR.value).model.get(
+      'num_classes', 0)), _GUIDANCE.value)
   exp, state = experiment.load_experiment(_WORKDIR.value, step=_CKPT_STEP.value)
   step = int(state.step)
   c = exp.config

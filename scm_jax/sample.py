@@ -15,29 +15,37 @@ from scm_jax import cli
 from scm_jax.core import sampling
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to load.')
-_STEPS = flags.DEFINE_integer('steps', 2, 'Consistency sampling steps (1, 2, ...).')
-_ODE = flags.DEFINE_integer('ode', 0, 'If > 0: PF-ODE sampling with this many steps.')
+_STEPS = flags.DEFINE_integer('steps', 2, 'Consistency sampling steps (1, 2, ...).',
+                              lower_bound=1)
+_ODE = flags.DEFINE_integer('ode', 0, 'If > 0: PF-ODE sampling with this many steps.',
+                            lower_bound=0)
 _SOLVER = flags.DEFINE_enum('solver', None, list(sampling.ODE_SOLVERS), 'PF-ODE solver.')
-_NUM = flags.DEFINE_integer('num', 64, 'Number of samples.')
+_NUM = flags.DEFINE_integer('num', 64, 'Number of samples.', lower_bound=1)
 _OUT = flags.DEFINE_string('out', None, 'Output path without extension (default: '
                            'WORKDIR/samples/sample_<steps>).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.', lower_bound=0)
 _EMA = flags.DEFINE_string('ema', None, "EMA to use ('params' = raw weights).")
 _T_MID = flags.DEFINE_float('t_mid', None, '2-step intermediate time (default config).')
 _LABELS = flags.DEFINE_list('labels', None, 'Class labels (cycled over samples).')
-_GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.')
-_CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).')
+_GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.',
+                                lower_bound=0.0)
+_CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).',
+                                  lower_bound=0)
 _VAE = flags.DEFINE_string('vae', None, 'Latent models: VAE weights to decode the samples '
                            "with (default config.vae.path; '' = keep latents).")
 flags.mark_flags_as_required(['workdir'])
+cli.int_list_flag('labels')
 
 
 def main(argv):
   del argv
   from scm_jax.infra import visualize
-  from scm_jax.errors import ConfigError
   from scm_jax.train import experiment
 
+  from scm_jax.train import workdir as workdir_lib
+  # Checked on the saved config before anything is built or written.
+  cli.check_conditioning(int(workdir_lib.load_config(_WORKDIR.value).model.get(
+      'num_classes', 0)), _GUIDANCE.value, _LABELS.value)
   overrides = {}
   if _T_MID.value is not None:
     overrides['sample.t_mid'] = _T_MID.value
@@ -48,12 +56,7 @@ def main(argv):
   exp, state = experiment.load_experiment(_WORKDIR.value, overrides, _CKPT_STEP.value)
   labels = None
   if _LABELS.value:
-    if not exp.num_classes:
-      raise ConfigError('--labels given, but this model is unconditional (num_classes=0).')
-    wanted = np.array([int(v) for v in _LABELS.value])
-    if wanted.min() < 0 or wanted.max() >= exp.num_classes:
-      raise ConfigError(f'--labels must be in [0, {exp.num_classes - 1}].')
-    labels = np.resize(wanted, _NUM.value)
+    labels = np.resize(np.array([int(v) for v in _LABELS.value]), _NUM.value)
   method = 'ode' if _ODE.value > 0 or not exp.is_consistency_model else 'consistency'
   steps = _ODE.value or (_STEPS.value if method == 'consistency' else exp.config.sample.ode_steps)
   x = exp.sample(state, _NUM.value, steps, key=jax.random.PRNGKey(_SEED.value),

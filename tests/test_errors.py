@@ -103,3 +103,58 @@ def test_incompatible_checkpoint_is_refused_and_left_intact(tmp_path):
 def test_sample_cli_errors(tmp_path):
   p = helpers.run_module('scm_jax.sample', f'--workdir={tmp_path / "nothing"}', check=False)
   _assert_clean_error(p, 'config.json')
+
+
+def _unconditional_workdir(tmp_path):
+  """A workdir holding only the config.json of an unconditional toy run (the checks below
+  read nothing else)."""
+  from scm_jax.train import workdir as workdir_lib
+  workdir = str(tmp_path / 'uncond')
+  os.makedirs(workdir)
+  workdir_lib.save_config(workdir, toy2d_sct.get_config())
+  return workdir
+
+
+@pytest.mark.parametrize('module, args, needles', [
+    ('scm_jax.sample', ['--num=0'], ['--num=0', 'positive']),
+    ('scm_jax.sample', ['--guidance=2'], ['--guidance=2 needs a class-conditional model']),
+    ('scm_jax.evaluate', ['--guidance=2'], ['needs a class-conditional model']),
+])
+def test_cli_arguments_are_checked_before_any_work(tmp_path, module, args, needles):
+  """One line each, exit 2, and no output written (before: an empty .npz and a grid for
+  --num=0, unguided numbers labelled @w2 for --guidance on an unconditional model)."""
+  workdir = _unconditional_workdir(tmp_path)
+  p = helpers.run_module(module, f'--workdir={workdir}', *args, check=False)
+  _assert_clean_error(p, *needles)
+  assert len([l for l in p.stderr.splitlines() if l.strip()]) == 1, p.stderr
+  assert sorted(os.listdir(workdir)) == ['config.json']
+
+
+@pytest.mark.parametrize('module, cases', [
+    ('scm_jax.sample', {'--steps=-1': '--steps=-1', '--ode=-2': '--ode=-2',
+                        '--seed=-1': '--seed=-1', '--ckpt_step=-5': '--ckpt_step=-5',
+                        '--labels=1,x': '--labels takes comma-separated integers',
+                        '--labels=-1': '--labels takes comma-separated integers >= 0',
+                        '--guidance=-1': 'not a non-negative number'}),
+    ('scm_jax.evaluate', {'--num=0': '--num=0', '--batch_size=0': '--batch_size=0',
+                          '--feature_batch_size=-3': '--feature_batch_size=-3',
+                          '--pr_k=0': '--pr_k=0', '--ref_num=-1': '--ref_num=-1',
+                          '--steps=1,0': '--steps takes comma-separated integers >= 1',
+                          '--steps=a': '--steps takes comma-separated integers'}),
+])
+def test_every_cli_count_flag_is_range_checked(module, cases):
+  """The flag definitions refuse bad values while parsing (before anything runs); the
+  CLI prints the parse error as one `error:` line (above)."""
+  p = helpers.run_python(f"""
+      from absl import flags
+      import {module}
+      for arg, needle in {cases!r}.items():
+        try:
+          flags.FLAGS(['prog', '--workdir=w', arg])
+        except flags.Error as e:
+          assert needle in str(e), (arg, str(e))
+        else:
+          raise AssertionError(f'{{arg}} was accepted')
+      print('OK')
+  """)
+  assert p.stdout.strip().endswith('OK')

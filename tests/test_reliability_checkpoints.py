@@ -4,6 +4,8 @@ aside, nothing unpickled); the fingerprint catches any flipped bit whatever the 
 an incompatible checkpoint is refused with every difference listed and nothing touched."""
 
 import glob
+import json
+import logging
 import os
 import pickle
 import shutil
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from scm_jax.infra import checkpoint as ckpt_lib
+from scm_jax.infra import fingerprint
 from scm_jax.train import workdir as workdir_lib
 from scm_jax.train.experiment import Experiment
 from scm_jax.train.loop import train_and_evaluate
@@ -43,12 +46,29 @@ def _no_pickle(monkeypatch):
 
 
 FAULTS = ('bit_flip', 'truncated_array', 'truncated_meta', 'missing_state', 'garbage_meta',
-          'truncated_data', 'missing_data')
+          'truncated_data', 'missing_data', 'edited_meta', 'empty_meta', 'edited_data',
+          'other_step')
+
+
+def _edit_json(path, change):
+  value = json.load(open(path))
+  change(value)
+  json.dump(value, open(path, 'w'))
 
 
 def _inject(step_dir, fault):
   data_file = os.path.join(step_dir, 'data', 'process_0-of-1.json')
-  if fault == 'bit_flip':  # silent: the arrays still load, only the fingerprint knows
+  meta_file = os.path.join(step_dir, 'meta', 'metadata')
+  if fault == 'edited_meta':  # valid JSON, one value changed by hand
+    _edit_json(meta_file, lambda m: m.update(num_classes=m['num_classes'] + 1))
+  elif fault == 'empty_meta':  # a valid but empty meta
+    open(meta_file, 'w').write('{}')
+  elif fault == 'edited_data':  # the data position moved on by 100 batches, valid JSON
+    _edit_json(data_file, lambda d: d.update(step=d['step'] + 100))
+  elif fault == 'other_step':  # a copy of step 20's directory posing as step 30
+    shutil.rmtree(step_dir)
+    shutil.copytree(os.path.join(os.path.dirname(step_dir), '20'), step_dir)
+  elif fault == 'bit_flip':  # silent: the arrays still load, only the fingerprint knows
     _flip_byte(_largest_array_file(step_dir))
   elif fault == 'truncated_array':
     _truncate(_largest_array_file(step_dir))
@@ -64,7 +84,16 @@ def _inject(step_dir, fault):
     os.remove(data_file)
 
 
-def test_corrupted_newest_checkpoint_falls_back_and_training_recovers(tmp_path, monkeypatch):
+REASONS = {'edited_meta': 'altered after it was written',
+           'empty_meta': 'lacks format_version, step, fingerprint',
+           'edited_data': 'differs from the one recorded in its metadata',
+           'other_step': 'is that of step 20, not of its directory 30'}
+
+
+def test_corrupted_newest_checkpoint_falls_back_and_training_recovers(tmp_path, monkeypatch,
+                                                                      caplog):
+  """Every damage to the newest step (its arrays, its meta, its data position, or a
+  directory holding another step) falls back to the previous one, moved aside."""
   source = str(tmp_path / 'run')
   c = helpers.toy_config(**{'train.num_steps': 30, 'train.ckpt_every': 10,
                             'train.keep_ckpts': 3})
@@ -81,11 +110,17 @@ def test_corrupted_newest_checkpoint_falls_back_and_training_recovers(tmp_path, 
                     os.path.join(workdir, 'checkpoints', '40.orbax-checkpoint-tmp'))
     ckpt = ckpt_lib.Checkpointer(workdir, keep=3)
     stream = exp.data_stream(prefetch=0)
-    state, meta = ckpt.restore_latest(
-        exp.abstract_state, workdir_lib.compatibility(workdir, exp.abstract_state),
-        data=stream)
+    with caplog.at_level(logging.WARNING):
+      caplog.clear()
+      state, meta = ckpt.restore_latest(
+          exp.abstract_state, workdir_lib.compatibility(workdir, exp.abstract_state),
+          data=stream)
     ckpt.close()
     assert int(state.step) == meta['step'] == stream.step == 20, fault
+    reason = [l for l in caplog.text.splitlines() if 'step 30:' in l]
+    assert len(reason) == 1, (fault, caplog.text)  # the reason, in one line
+    if fault in REASONS:
+      assert REASONS[fault] in reason[0], (fault, reason)
     assert os.listdir(os.path.join(workdir, ckpt_lib.UNUSABLE_DIR)) == ['30'], fault  # kept
     assert not helpers.tmp_dirs(workdir), fault
   # Training goes on from step 20 and reproduces step 30 bit for bit.
@@ -97,7 +132,7 @@ def test_corrupted_newest_checkpoint_falls_back_and_training_recovers(tmp_path, 
 def test_fingerprint_detects_any_single_bit_change():
   state = {'w': np.arange(12, dtype=np.float32).reshape(3, 4), 'n': np.int32(3),
            'k': np.array([1, 2], np.uint32), 'h': np.ones(5, np.float16)}
-  base, finite = ckpt_lib.state_fingerprint(state)
+  base, finite = fingerprint.state_fingerprint(state)
   assert finite and len(base) == 4
   for name in state:
     for i in range(np.asarray(state[name]).size):
@@ -105,10 +140,10 @@ def test_fingerprint_detects_any_single_bit_change():
         changed = {k: np.array(v, copy=True) for k, v in state.items()}
         flat = changed[name].reshape(-1).view(f'u{changed[name].dtype.itemsize}')
         flat[i] ^= np.array(1 << bit, flat.dtype)
-        assert ckpt_lib.state_fingerprint(changed)[0] != base, (name, i, bit)
+        assert fingerprint.state_fingerprint(changed)[0] != base, (name, i, bit)
   swapped = dict(state, w=state['w'][::-1])  # same values, other places
-  assert ckpt_lib.state_fingerprint(swapped)[0] != base
-  assert not ckpt_lib.state_fingerprint(dict(state, w=state['w'] * np.nan))[1]
+  assert fingerprint.state_fingerprint(swapped)[0] != base
+  assert not fingerprint.state_fingerprint(dict(state, w=state['w'] * np.nan))[1]
 
 
 def test_fingerprint_and_restore_do_not_depend_on_the_mesh(tmp_path):
@@ -116,7 +151,7 @@ def test_fingerprint_and_restore_do_not_depend_on_the_mesh(tmp_path):
   helpers.run_python(f'''
       import jax, numpy as np
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from scm_jax.infra import checkpoint as ckpt_lib
+      from scm_jax.infra import checkpoint as ckpt_lib, fingerprint
       from scm_jax.train import workdir as workdir_lib
       mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'fsdp'))
       x = np.random.default_rng(0).normal(size=(64, 48)).astype(np.float32)
@@ -132,8 +167,8 @@ def test_fingerprint_and_restore_do_not_depend_on_the_mesh(tmp_path):
       ckpt.close()
       assert restored['w'].sharding == one
       np.testing.assert_array_equal(restored['w'], x)
-      host = ckpt_lib.state_fingerprint(jax.device_get(tree))[0]
-      assert meta['fingerprint'] == host == ckpt_lib.state_fingerprint(restored)[0]
+      host = fingerprint.state_fingerprint(jax.device_get(tree))[0]
+      assert meta['fingerprint'] == host == fingerprint.state_fingerprint(restored)[0]
       print('OK')
   ''', devices=8)
 
@@ -142,7 +177,9 @@ def test_incompatible_checkpoint_lists_mismatches_and_changes_nothing(tmp_path):
   workdir = str(tmp_path / 'run')
   c = helpers.toy_config(**{'train.num_steps': 10, 'train.ckpt_every': 10})
   train_and_evaluate(c, workdir)
-  before = helpers.tree_digest(workdir)
+  # Everything but the lock file, which records each run's start (infra/lock.py).
+  digest = lambda: {k: v for k, v in helpers.tree_digest(workdir).items() if k != 'lock'}
+  before = digest()
   wider = helpers.toy_config(**{'train.num_steps': 20, 'model.width': 48,
                                 'model.time_embed_scale': 1.0})
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as info:
@@ -166,4 +203,4 @@ def test_incompatible_checkpoint_lists_mismatches_and_changes_nothing(tmp_path):
   other_workers.train.check_resume_config = False  # then the data stream itself refuses
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='keep data.worker_count=0'):
     train_and_evaluate(other_workers, workdir)
-  assert helpers.tree_digest(workdir) == before  # nothing was written or moved
+  assert digest() == before  # nothing was written or moved

@@ -73,3 +73,31 @@ def test_array_file_with_nan_fails_the_cli_in_one_line(tmp_path):
   assert p.returncode == 2 and 'Traceback' not in p.stderr
   assert p.stderr.strip().splitlines()[-1] == f'error: Array file {path} contains NaN or Inf values.'
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_values_are_checked_in_the_dtype_training_sees(tmp_path):
+  """float64 beyond float32's range would train on Inf; int64 labels beyond int32 would
+  wrap to other classes: both are refused when the file is read."""
+  big = np.zeros((8, 2), np.float64)
+  big[3, 0] = 1e39
+  np.savez(tmp_path / 'big.npz', x=big)
+  with pytest.raises(DataError, match='beyond float32 range'):
+    data_lib.arrays.load_array_source(str(tmp_path / 'big.npz'))
+  labels = np.zeros(8, np.int64)
+  labels[2] = 2**32 + 1  # would become class 1 as int32
+  np.savez(tmp_path / 'labels.npz', x=np.zeros((8, 2), np.float32), label=labels)
+  with pytest.raises(DataError, match='beyond int32'):
+    data_lib.arrays.load_array_source(str(tmp_path / 'labels.npz'))
+
+
+def test_dataset_smaller_than_the_batch_trains_with_one_warning(tmp_path):
+  """README: a dataset smaller than the global batch is allowed (batches repeat its
+  examples) and says so once."""
+  x = np.random.default_rng(0).normal(size=(3, 2)).astype(np.float32)
+  path = str(tmp_path / 'tiny.npz')
+  np.savez(path, x=x)
+  p = helpers.run_module('scm_jax.train', *helpers.toy_cli_args(str(tmp_path / 'w'), **{
+      'data.name': 'array', 'data.path': path, 'train.num_steps': 2, 'train.ckpt_every': 2})[2:])
+  warnings = [l for l in p.stderr.splitlines() if 'fewer than the global batch size' in l]
+  assert len(warnings) == 1 and 'has 3 examples, fewer than the global batch size 64' \
+      in warnings[0], p.stderr

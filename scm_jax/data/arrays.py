@@ -94,7 +94,14 @@ def _check_values(x: np.ndarray, path: str, latents: bool = False) -> np.ndarray
   lo, hi = np.inf, -np.inf
   for start in range(0, len(x), _CHUNK):
     chunk = np.asarray(x[start:start + _CHUNK])
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(chunk).all():
+    # Checked as float32, the dtype training sees: float64 values beyond float32's
+    # range would become Inf there.
+    with np.errstate(over='ignore'):  # the overflow is what this looks for
+      as_float32 = chunk.astype(np.float32)
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(as_float32).all():
+      if np.isfinite(chunk).all():
+        raise DataError(f'Array file {path} holds values beyond float32 range '
+                        f'(|x| > {np.finfo(np.float32).max:.3g}); rescale the data.')
       raise DataError(f'Array file {path} contains NaN or Inf values.')
     lo, hi = min(lo, chunk.min()), max(hi, chunk.max())
   if np.issubdtype(x.dtype, np.integer):
@@ -121,6 +128,9 @@ def _check_labels(labels: np.ndarray, n: int, path: str) -> np.ndarray:
                     f'store them as integers.')
   if labels.min() < 0:
     raise DataError(f'Array file {path}: labels must be non-negative.')
+  if labels.max() > np.iinfo(np.int32).max:  # would wrap when cast to int32
+    raise DataError(f'Array file {path}: labels reach {labels.max()}, beyond int32; '
+                    'labels are class indices 0..num_classes-1.')
   return labels.astype(np.int32)
 
 

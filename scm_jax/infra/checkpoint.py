@@ -9,28 +9,42 @@ alone, `saved_shapes` asks for the state's array metadata). Orbax writes each st
 directory and renames it when complete, so a crash mid-save leaves the previous
 checkpoints intact; leftover temporary directories are removed on the next start.
 
-On restore, a step whose metadata is unreadable, whose arrays fail to load, or whose
-arrays no longer match the fingerprint taken at save time (bit rot, a truncated or
-overwritten file) is treated as corrupted: it is moved to `<workdir>/checkpoints_unusable/`
-(never deleted) and the next older step is used. Nothing here unpickles: state is
-tensorstore arrays, meta is JSON.
+A step is accepted only if its three items agree with each other and with the directory
+they sit in: the meta carries a digest of itself, the step number, one checksum per state
+array (`state_fingerprint`) and one per process of the data position. On restore, a
+step whose meta is unreadable, edited or incomplete, whose step number differs from its
+directory's, whose arrays fail to load or no longer match their checksums (bit rot, a
+truncated or overwritten file), or whose data position is missing or altered, is treated
+as corrupted: it is moved to `<workdir>/checkpoints_unusable/` (never deleted) and the
+next older step is used. Nothing here unpickles: state is tensorstore arrays, meta and
+data position are JSON.
+
+Before each save the free space is checked against the size of a checkpoint: a save that
+cannot fit fails at once with one line (DiskFullError), the previous checkpoints intact.
 """
 
 import logging
 import os
+import shutil
 from typing import Any, Optional
 
 import grain
 import jax
-import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from scm_jax.errors import CheckpointError, ConfigError
+from scm_jax.errors import CheckpointError, ConfigError, WorkdirError
 from scm_jax.infra import sharding
+from scm_jax.infra.fingerprint import data_digest, meta_digest, meta_problem, state_fingerprint
 
 CKPT_DIR = 'checkpoints'
 UNUSABLE_DIR = 'checkpoints_unusable'      # corrupted steps, moved aside on restore
 ROLLED_BACK_DIR = 'checkpoints_rolled_back'  # steps newer than a non-finite rollback target
+# Orbax renames old steps (beyond `keep`) into checkpoints/TRASH_DIR and this module
+# empties it: a deletion killed half-way must not leave a half checkpoint that looks
+# like a fallback.
+TRASH_DIR = '.deleted'
+
 # 2: the data position is the 'data' item (grain); format 1 kept it in the meta, and its
 # checkpoints can be sampled from but not resumed.
 FORMAT_VERSION = 2
@@ -46,37 +60,26 @@ class IncompatibleCheckpointError(CheckpointError):
   """The checkpoint is intact but belongs to a different model/config."""
 
 
-def state_fingerprint(state) -> tuple[list[int], bool]:
-  """(one uint32 checksum per leaf, whether every float leaf is finite).
-
-  The checksum is sum_i bits(x_i) * (2 i + 1) mod 2^32 over the raw bits of each leaf:
-  any single changed word changes it (the weights are odd, hence invertible mod 2^32),
-  and modular addition makes it independent of the sharding and reduction order. It is
-  one jitted pass over the state, so it works for arrays spread over many processes.
-  """
-  sums, finite = _fingerprint_jit(state)
-  return [int(v) for v in jax.device_get(sums)], bool(finite)
+class DiskFullError(WorkdirError):
+  """Not enough free space for the next checkpoint; nothing was written."""
 
 
-def _fingerprint(state):
-  sums, finite = [], []
-  for x in jax.tree.leaves(state):
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    if jnp.issubdtype(x.dtype, jnp.floating):
-      finite.append(jnp.all(jnp.isfinite(x)))
-    if x.dtype == jnp.bool_:
-      words = x.astype(jnp.uint32)
-    else:
-      width = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
-      words = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
-    index = jax.lax.iota(jnp.uint32, words.size).reshape(words.shape)
-    sums.append(jnp.sum(words * (2 * index + 1), dtype=jnp.uint32))
-  return (jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32),
-          jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True))
+# Orbax warnings a user cannot act on (a read-only reader's options, the step metadata
+# file older checkpoints lack): kept out of the logs.
+_QUIET_ORBAX = ('Given directory is read only', 'Metadata file does not exist',
+                'CheckpointManagerOptions.read_only=True')
 
 
-_fingerprint_jit = jax.jit(_fingerprint)
+class _QuietOrbax(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(m in str(record.msg) for m in _QUIET_ORBAX)
+
+
+def _quiet_orbax_warnings() -> None:
+  logger = logging.getLogger('absl')
+  if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+    logger.addFilter(_QuietOrbax())
 
 
 def _first_line(e: Exception) -> str:
@@ -95,6 +98,29 @@ class _Snapshot:
     return self._state
 
 
+class _Capture:
+  """An item for grain's Orbax handler that keeps the restored bytes (checked against
+  the meta before they reach the real stream)."""
+
+  state: Optional[bytes] = None
+
+  def set_state(self, state: bytes) -> None:
+    self.state = state
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def _all_processes(value: str) -> list[str]:
+  """[value of process 0, value of process 1, ...] (every process gets the list)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(bytes.fromhex(value), np.uint8)
+  gathered = multihost_utils.process_allgather(raw)
+  return [bytes(row).hex() for row in np.asarray(gathered).reshape(jax.process_count(), -1)]
+
+
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` keeping the last `keep` steps.
 
@@ -110,6 +136,7 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CKPT_DIR)
     self.read_only = read_only
+    _quiet_orbax_warnings()
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                              save_interval_steps=0,
@@ -117,7 +144,8 @@ class Checkpointer:
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              cleanup_tmp_directories=True,
-                                             enable_async_checkpointing=async_save)
+                                             enable_async_checkpointing=async_save,
+                                             todelete_subdir=TRASH_DIR)
     # Explicit handlers (not just item names): a fresh process can then read one item
     # (the meta, the state's array metadata) without restoring the others.
     self.manager = ocp.CheckpointManager(
@@ -125,6 +153,13 @@ class Checkpointer:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
+    self._empty_trash()
+
+  def _empty_trash(self) -> None:
+    """Removes the steps Orbax retired (renamed whole into TRASH_DIR, so a kill while
+    removing them leaves nothing that looks like a checkpoint)."""
+    if not self.read_only and jax.process_index() == 0:
+      shutil.rmtree(os.path.join(self.directory, TRASH_DIR), ignore_errors=True)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -138,12 +173,47 @@ class Checkpointer:
     `data` (taken now); the state may be donated to the next step right after."""
     if self.read_only:
       raise CheckpointError(f'{self.directory} was opened read-only; nothing was saved.')
+    self.check_space(state, step)
     fingerprint, _ = state_fingerprint(state)
     meta = dict(meta, format_version=FORMAT_VERSION, step=int(step), fingerprint=fingerprint)
-    items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
+    items = {'state': ocp.args.StandardSave(state)}
     if data is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(item=_Snapshot(data))
+      snapshot = _Snapshot(data)
+      meta['data_digests'] = _all_processes(data_digest(snapshot.get_state()))
+      items['data'] = grain.checkpoint.CheckpointSave(item=snapshot)
+    meta['digest'] = meta_digest(meta)
+    items['meta'] = ocp.args.JsonSave(meta)
     return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+  def check_space(self, state, step: int) -> None:
+    """DiskFullError unless the disk holding the checkpoints has room for one more.
+
+    A checkpoint's size is the newest one's on disk, or before the first save the
+    state's raw bytes (an upper bound: Orbax compresses). The old ones are deleted only
+    after the new one is complete, so the room must be free now. The previous (async)
+    save is finished first, as Orbax would before starting this one anyway.
+    """
+    self.wait()
+    self._empty_trash()
+    need = self._checkpoint_bytes(state)
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      latest = self.latest_step()
+      raise DiskFullError(
+          f'not enough free space to save checkpoint step {step} in {self.directory}: '
+          f'it needs about {need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free. '
+          'Free space there or resume with another --workdir; '
+          + (f'checkpoint step {latest} is intact.' if latest is not None else
+             'no checkpoint was written.'))
+
+  def _checkpoint_bytes(self, state) -> int:
+    latest = self.latest_step()
+    if latest is not None:
+      total = 0
+      for root, _, names in os.walk(os.path.join(self.directory, str(latest))):
+        total += sum(os.path.getsize(os.path.join(root, n)) for n in names)
+      return int(total * 1.1) + 2**20
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + 2**20
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -151,9 +221,11 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+    self._empty_trash()
 
   def read_meta(self, step: int) -> dict:
-    """The step's 'meta' item (JSON), read alone."""
+    """The step's 'meta' item (JSON), read alone; CheckpointError if it is unreadable or
+    does not belong to this step (see meta_problem)."""
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))['meta']
@@ -164,6 +236,10 @@ class Checkpointer:
     if not isinstance(meta, dict):
       raise CheckpointError(f'checkpoint step {step} in {self.directory} has metadata '
                             f'that is not a JSON object; it is corrupted.')
+    problem = meta_problem(step, meta)
+    if problem:
+      raise CheckpointError(f'checkpoint step {step} in {self.directory} is unusable: '
+                            f'{problem}.')
     return dict(meta)
 
   def saved_shapes(self, step: int) -> dict[str, tuple]:
@@ -220,13 +296,24 @@ class Checkpointer:
           'and holds no data-stream position: it can be sampled and evaluated, but to train '
           'further start a new --workdir (e.g. with --config.teacher.* to initialise from '
           'it). No checkpoint was changed.')
+    capture = _Capture()
     try:
       self.manager.restore(step, args=ocp.args.Composite(
-          data=grain.checkpoint.CheckpointRestore(item=stream)))
+          data=grain.checkpoint.CheckpointRestore(item=capture)))
+    except Exception as e:  # pylint: disable=broad-except  # missing or unreadable
+      raise CheckpointError(f'{where} has an unreadable data-stream position '
+                            f'({_first_line(e)}).') from e
+    digests = meta.get('data_digests') or []
+    if (len(digests) != jax.process_count()
+        or digests[jax.process_index()] != data_digest(capture.state)):
+      raise CheckpointError(f'{where} has a data-stream position that differs from the '
+                            'one recorded in its metadata (altered or damaged).')
+    try:
+      stream.set_state(capture.state)
     except ConfigError as e:  # another seed, worker count or source: the user's choice
       raise IncompatibleCheckpointError(f'{where}: {e} No checkpoint was changed.') from None
-    except Exception as e:  # pylint: disable=broad-except  # missing or damaged
-      raise CheckpointError(f'{where} has an unreadable data-stream position '
+    except Exception as e:  # pylint: disable=broad-except  # damaged state
+      raise CheckpointError(f'{where} has an unusable data-stream position '
                             f'({_first_line(e)}).') from e
 
   def restore_latest(self, abstract_state, validate, before: Optional[int] = None,

@@ -40,11 +40,12 @@ def atomic_savez(path: str, **arrays) -> None:
     np.savez(tmp, **arrays)
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, skip_damaged: bool = False) -> list[dict]:
   """Rows of a JSON-lines file such as <workdir>/metrics.jsonl ([] if it is missing).
 
   A live run may be writing the last line, so an unparsable *last* line is skipped;
-  an unparsable line before it means the file is damaged and raises ValueError.
+  an unparsable line before it means the file is damaged and raises ValueError, unless
+  `skip_damaged` (a writer cleaning up its own log) drops it too.
   """
   if not os.path.exists(path):
     return []
@@ -55,6 +56,6 @@ def read_jsonl(path: str) -> list[dict]:
     try:
       rows.append(json.loads(line))
     except json.JSONDecodeError as e:
-      if i < len(lines) - 1:
+      if i < len(lines) - 1 and not skip_damaged:
         raise ValueError(f'{path} line {i + 1} is not JSON ({e}); the file is damaged.') from e
   return rows

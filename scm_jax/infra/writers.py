@@ -8,13 +8,15 @@ import io
 import json
 import os
 import time
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 from PIL import Image
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from scm_jax.infra import files
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -28,15 +30,29 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard + `<workdir>/metrics.jsonl`, images to TB + PNG."""
+  """Writes scalars to TensorBoard + `<workdir>/metrics.jsonl`, images to TB + PNG.
 
-  def __init__(self, workdir: str, enabled: bool = True, subdir: str = 'tb'):
+  `resume_step`: the run resumed from this step and will log the later steps again, so
+  rows of metrics.jsonl after it are dropped (rows stay unique by step) and TensorBoard
+  is told to purge its later events (a SessionLog START at that step).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, subdir: str = 'tb',
+               resume_step: Optional[int] = None):
     self.workdir = workdir
     self.enabled = enabled
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if resume_step is not None and os.path.exists(path):
+        rows = files.read_jsonl(path, skip_damaged=True)
+        files.atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in rows
+                                              if r.get('step', 0) <= resume_step))
       self._tb = EventFileWriter(os.path.join(workdir, subdir))
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      if resume_step is not None:
+        self._tb.add_event(Event(wall_time=time.time(), step=int(resume_step),
+                                 session_log=SessionLog(status=SessionLog.START)))
+      self._jsonl = open(path, 'a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

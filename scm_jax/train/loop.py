@@ -6,9 +6,9 @@ are compatible), trains, logs, draws sample grids and checkpoints; SIGTERM / SIG
 (preemption.py) and non-finite streaks (nonfinite.py) end or rewind it cleanly.
 """
 
+import contextlib
 import json
 import math
-import os
 import sys
 import time
 from typing import NamedTuple
@@ -17,7 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from scm_jax.errors import WorkdirError
 from scm_jax.infra import checkpoint as ckpt_lib
+from scm_jax.infra import lock as lock_lib
 from scm_jax.infra import visualize
 from scm_jax.infra import writers
 from scm_jax.train import experiment as experiment_lib
@@ -110,12 +112,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   preemption.Preempted; non-finite streaks stop (NonFiniteError, carrying the Run as
   `.run`) or roll back (train/nonfinite.py). Returns the Run (Experiment, final state).
   """
-  exp = experiment_lib.Experiment(config, dxdt_fn=dxdt_fn, init_params=init_params,
-                                  source=source)
-  exp.teacher  # pylint: disable=pointless-statement  # a bad teacher fails before any write
+  # Signals are caught from the start: one during start-up stops the run after its
+  # first step, with a checkpoint, like one later on.
+  with preemption.PreemptionHandler(config.train.handle_signals) as preempt:
+    exp = experiment_lib.Experiment(config, dxdt_fn=dxdt_fn, init_params=init_params,
+                                    source=source)
+    exp.teacher  # pylint: disable=pointless-statement  # a bad teacher fails before any write
+    with _owned_workdir(workdir):
+      try:
+        return _train(exp, workdir, preempt)
+      except Exception as e:  # pylint: disable=broad-except
+        failure = workdir_lib.io_failure(e, workdir)
+        if failure is None:
+          raise
+        raise failure from None
+
+
+@contextlib.contextmanager
+def _owned_workdir(workdir: str):
+  """Prepares the workdir and holds its lock (process 0, once per job) meanwhile; every
+  process raises the same WorkdirError if that fails."""
+  lock, error = None, ''
+  if jax.process_index() == 0:
+    try:
+      workdir_lib.prepare(workdir)
+      lock = lock_lib.WorkdirLock(workdir).acquire()
+    except WorkdirError as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    error = _from_process_0(error)
+  if error:
+    raise WorkdirError(error)
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _from_process_0(text: str, size: int = 4096) -> str:
+  """Process 0's `text` on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.zeros(size, np.uint8)
+  encoded = text.encode()[:size]
+  raw[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+  return bytes(out[out != 0]).decode(errors='replace')
+
+
+def _train(exp: experiment_lib.Experiment, workdir: str,
+           preempt: preemption.PreemptionHandler) -> Run:
+  """The loop proper, in a prepared and locked workdir."""
   c = exp.config
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.keep_ckpts)
   validate = _resume_check(exp, workdir)
   stream = exp.stream  # its position comes back with the checkpoint
@@ -130,14 +179,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   start = int(state.step)
   guard = nonfinite.NonfiniteGuard(c.train, state, meta)
-  writer = writers.MetricWriter(workdir, enabled=is_main)
+  # A resumed run logs the steps after its checkpoint again: they replace the old rows.
+  writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=start if meta else None)
   pbar = None
   if is_main and c.train.progress_bar:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     pbar = tqdm(total=c.train.num_steps, initial=start, desc='train', dynamic_ncols=True)
   history, t_last, step = [], time.time(), start
   by_t = []  # (step, scalars) snapshots for the loss-by-time plot
-  preempt = preemption.PreemptionHandler(c.train.handle_signals).install()
   try:
     while step < c.train.num_steps:
       step += 1
@@ -178,7 +227,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     e.run = Run(exp, state)  # a sweep evaluates a stopped run as a result
     raise
   finally:
-    preempt.uninstall()
     stream.close()
     ckpt.close()
     writer.close()

@@ -10,14 +10,16 @@ resuming, the config fields that fix what the parameters and the data stream mea
 refusal has the same form: what differs, one line each, then how to fix it.
 """
 
+import errno
 import json
 import logging
 import os
+import shutil
 from typing import Callable, Optional
 
 import ml_collections
 
-from scm_jax.errors import CheckpointError
+from scm_jax.errors import CheckpointError, WorkdirError
 from scm_jax.infra import checkpoint as ckpt_lib
 from scm_jax.infra import files
 
@@ -27,9 +29,11 @@ METRICS_FILE = 'metrics.jsonl'
 # Config fields a run must resume with: what the parameters and the data stream mean.
 # Other fields (length, learning rate, logging, mesh, ...) may change, with a warning.
 RESUME_FIXED = ('seed', 'data', 'model', 'trigflow', 'loss.kind')
-# ... except these, which change where or how the same data is read, not what it is.
+# ... except these, which change where or how the same data is read, or how the same
+# function of the same parameters is computed (kernels, block sizes, remat, precision).
 RESUME_FREE = ('data.prefetch', 'data.data_dir', 'data.download', 'data.eval_split',
-               'data.num_test')
+               'data.num_test', 'model.attn_impl', 'model.attn_block_size',
+               'model.attn_block_q', 'model.remat', 'model.dtype')
 # Changes not worth a warning on resume (a run's length and cadence).
 QUIET = ('train',)
 
@@ -39,6 +43,53 @@ RESUME_FIX = ("Resume with the run's original config (saved as config.json in th
 
 def _under(field: str, prefixes) -> bool:
   return any(field == p or field.startswith(p + '.') for p in prefixes)
+
+
+# OS errors that mean "this disk cannot take the run's files" (the fix is the user's).
+_IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+              errno.EFBIG)
+_IO_MARKERS = ('No space left on device', 'Disk quota exceeded', 'Read-only file system',
+               'Permission denied', 'File too large')
+
+
+def prepare(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that files can be written there.
+
+  WorkdirError (one line) for a path that is a file, a missing permission, a read-only
+  filesystem; nothing else is touched.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} is a file, not a directory; pass a directory '
+                       '(it is created if missing).')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'cannot write to --workdir={workdir}: {e.strerror or e}. Use a '
+                       'directory this user can write to.') from None
+
+
+def io_failure(error: BaseException, workdir: str) -> Optional[WorkdirError]:
+  """A one-line WorkdirError if `error` (or what caused it, e.g. inside an async Orbax
+  save) is the disk refusing a write — no space, no permission, read-only — else None."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    text = str(e)
+    if (isinstance(e, OSError) and e.errno in _IO_ERRNOS) or any(m in text for m in _IO_MARKERS):
+      reason = next((m for m in _IO_MARKERS if m in text), getattr(e, 'strerror', None) or text)
+      try:
+        free = f'{shutil.disk_usage(workdir).free / 2**20:.1f} MiB free'
+      except OSError:
+        free = 'free space unknown'
+      return WorkdirError(f'writing to {os.path.abspath(workdir)} failed: {reason} '
+                          f'({free}). Free space or fix the permissions, then relaunch: the '
+                          'run resumes from its newest complete checkpoint.')
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
