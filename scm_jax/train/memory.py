@@ -264,9 +264,10 @@ def _divisors(n: int) -> list[int]:
 
 
 def make_plan(config, num_devices: int, device_gib: float, usable: float = 0.9,
-              data_shape=None, policies=POLICIES) -> Plan:
+              data_shape=None, policies=POLICIES, table: Optional[dict] = None) -> Plan:
   """Per-device memory and the fitting microbatches of `config` on `num_devices`
-  devices of `device_gib` GiB, of which the fraction `usable` is for XLA's buffers."""
+  devices of `device_gib` GiB, of which the fraction `usable` is for XLA's buffers.
+  `table`: an `activation_table` of this config to reuse (it does not depend on devices)."""
   data_shape = tuple(data_shape or data_shape_of(config))
   model = models_lib.build_model(config.model)
   mesh = plan_mesh(config.mesh, num_devices)
@@ -277,7 +278,8 @@ def make_plan(config, num_devices: int, device_gib: float, usable: float = 0.9,
   budget = int(device_gib * GIB * usable)
   fixed = lambda k: sum(state.values()) + (state['params'] if k > 1 else 0)  # + accumulator
   plans = {}
-  for policy, act in activation_table(config, model, data_shape, policies).items():
+  table = table or activation_table(config, model, data_shape, policies)
+  for policy, act in table.items():
     fits = [k for k in _divisors(per_device)
             if fixed(k) + act.bytes(per_device // k) <= budget]
     k = fits[0] if fits else 0
@@ -330,7 +332,7 @@ def format_plan(plan: Plan, config) -> str:
   return '\n'.join(lines)
 
 
-def suggestion(plan: Plan, config, min_microbatch: int = 8) -> str:
+def suggestion(plan: Plan, config, min_microbatch: int = 32) -> str:
   """The overrides that fit: the least recomputation whose per-device microbatch is at
   least `min_microbatch` (or the whole per-device batch), else the largest microbatch."""
   fitting = {p: q for p, q in plan.policies.items() if q.microbatches}
