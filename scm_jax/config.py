@@ -44,6 +44,7 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.loss.fd_eps = 1e-3
   c.loss.num_time_buckets = 8          # loss-by-time metrics
   c.loss.label_dropout = 0.0           # classifier-free guidance training
+  c.loss.shared_forward = True         # sCT/sCD: F_theta is the primal of the jvp (1 forward)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adam'
@@ -71,6 +72,7 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 10000
   c.train.batch_size = 128             # global batch, split over processes and devices
+  c.train.microbatches = 1             # gradient accumulation: per-device batch in k parts
   c.train.log_every = 100
   c.train.sample_every = 2000          # 0 disables
   c.train.ckpt_every = 1000
@@ -146,6 +148,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.teacher.guidance >= 0, 'config.teacher.guidance must be >= 0 (1 = no guidance).')
   _check(c.train.num_steps > 0, 'config.train.num_steps must be > 0.')
   _check(c.train.batch_size > 0, 'config.train.batch_size must be > 0.')
+  microbatches = c.train.get('microbatches', 1)  # .get: runs saved before the field
+  _check(isinstance(microbatches, int) and microbatches >= 1
+         and c.train.batch_size % microbatches == 0,
+         f'config.train.microbatches={microbatches} must be an integer >= 1 that divides '
+         f'the per-device batch (train.batch_size={c.train.batch_size} / devices).')
+  _check(isinstance(c.loss.get('shared_forward', True), bool),
+         'config.loss.shared_forward must be True or False.')
   for k in ('log_every', 'ckpt_every'):
     _check(c.train[k] > 0, f'config.train.{k} must be > 0.')
   _check(c.train.sample_every >= 0, 'config.train.sample_every must be >= 0 (0 disables).')

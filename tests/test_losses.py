@@ -8,6 +8,7 @@ import pytest
 
 from scm_jax.core import analytic, losses, trigflow
 from scm_jax.models import build_model, default_model_config
+from scm_jax.train import step as step_lib
 
 SD = 0.5
 G = analytic.GaussianData(mu=0.3, s=0.4, sigma_d=SD)
@@ -62,27 +63,31 @@ def test_tangent_is_cos_t_times_df_dt():
   assert float(jnp.abs(g).mean()) > 1e-2
 
 
-def _mlp(dropout=0.0, width=32):
+def _mlp(dropout=0.0, width=32, num_classes=0):
+  model, params = _mlp_model(dropout, width, num_classes)
+  return step_lib.model_apply_fn(model), params
+
+
+def _mlp_model(dropout=0.0, width=32, num_classes=0):
   cfg = default_model_config('mlp')
   cfg.width, cfg.depth, cfg.dropout, cfg.time_embed_dim = width, 2, dropout, 32
+  cfg.num_classes = num_classes
   model = build_model(cfg)
   x = jnp.zeros((4, 2))
   params = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
                       x, jnp.ones(4))['params']
-  # Perturb the zero-initialized output layer so F is not identically 0.
+  # Perturb the zero-initialized layers (output, logvar head) so F and w are not constant.
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
                         params)
-
-  def apply_fn(p, x, t, labels, key):
-    return model.apply({'params': p}, x, t, None, train=True, rngs={'dropout': key})
-  return apply_fn, params
+  return model, params
 
 
 def test_jvp_time_derivative_matches_central_finite_difference():
   apply_fn, params = _mlp()
   x_t, t = _points(n=32)
   dxdt = G.velocity(x_t, t)
-  f = lambda x, tt: apply_fn(params, x, tt, None, jax.random.PRNGKey(0))[0]
+  keys = losses.example_keys(jax.random.PRNGKey(0), 32)
+  f = lambda x, tt: apply_fn(params, x, tt, None, keys)[0]
   F_minus, jvp = losses.jvp_F_minus(f, x_t, t, dxdt, SD)
   h = 1e-3
   path = lambda s: f((x_t + s * dxdt) / SD, t + s)
@@ -111,18 +116,15 @@ def test_loss_value_is_tangent_norm_and_dropout_key_shared():
   batch = {'x': G.mu + G.s * jax.random.normal(jax.random.PRNGKey(3), (64, 2))}
   key = jax.random.PRNGKey(4)
   loss, m = losses.consistency_loss(params, batch, key, 0, **_sct_kwargs(apply_fn))
-  # Recompute g exactly as the loss does, from the same keys.
-  k_noise, k_drop = jax.random.split(key)
-  k_t, k_z = jax.random.split(k_noise)
-  t = trigflow.sample_t(k_t, (64,), -1.0, 1.4, SD)
-  z = SD * jax.random.normal(k_z, (64, 2))
-  x_t = trigflow.add_noise(batch['x'], z, t)
+  # Recompute g exactly as the loss does, from the same per-example keys.
+  k_noise, k_drop = losses.split_keys(losses.example_keys(key, 64))
+  t, z, x_t = losses._noisy_sample(k_noise, batch['x'], -1.0, 1.4, SD)
   f = lambda x, tt: apply_fn(params, x, tt, None, k_drop)[0]
   g = _tangent(f, x_t, t, trigflow.velocity_target(batch['x'], z, t))
   np.testing.assert_allclose(loss, jnp.mean(jnp.sum(g**2, 1) / 2), rtol=1e-4)
   assert float(m['tangent_norm']) > 0
-  # A different dropout key in the theta pass would change the value.
-  f_other = lambda x, tt: apply_fn(params, x, tt, None, jax.random.PRNGKey(99))[0]
+  # Different dropout keys in the theta pass would change the value.
+  f_other = lambda x, tt: apply_fn(params, x, tt, None, losses.example_keys(key, 64))[0]
   assert float(jnp.abs(f(x_t / SD, t) - f_other(x_t / SD, t)).max()) > 1e-3
 
 
@@ -202,3 +204,56 @@ def test_make_loss_fn_dispatch():
   c.kind = 'scd'
   with pytest.raises(ValueError, match='teacher'):
     losses.make_loss_fn(c, apply_fn, SD)
+
+
+def _unet_model(dropout=0.2, num_classes=3):
+  cfg = default_model_config('unet')
+  cfg.update(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+             num_heads=1, time_embed_dim=16, logvar_channels=8, dropout=dropout,
+             num_classes=num_classes)
+  model = build_model(cfg)
+  params = model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 8, 8, 1)),
+                      jnp.ones(1), jnp.zeros(1, jnp.int32))['params']
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                        params)
+  return model, params
+
+
+@pytest.mark.parametrize('net,kind,time_derivative', [
+    ('mlp', 'sct', 'jvp'), ('mlp', 'sct', 'finite_difference'), ('mlp', 'scd', 'jvp'),
+    ('unet', 'sct', 'jvp'), ('unet', 'scd', 'finite_difference')])
+def test_shared_forward_equals_separate_forward(net, kind, time_derivative):
+  """loss.shared_forward: the same loss, metrics and gradients (adaptive-weight head
+  included) as the jvp of F^- plus a second forward, with dropout and labels."""
+  if net == 'mlp':
+    model, params = _mlp_model(dropout=0.3, num_classes=3)
+    x = G.mu + G.s * jax.random.normal(jax.random.PRNGKey(11), (16, 2))
+  else:
+    model, params = _unet_model()
+    x = 0.5 * jax.random.normal(jax.random.PRNGKey(11), (8, 8, 8, 1))
+  apply_fn, teacher_fn = step_lib.model_apply_fn(model), step_lib.model_apply_fn(model, False)
+  batch = {'x': x, 'label': jnp.arange(x.shape[0]) % 4}  # 3 = the null class
+  teacher_params = jax.tree.map(lambda p: 0.9 * p, params)
+  # An sCD teacher with classifier-free guidance, from another set of weights.
+  dxdt = lambda x_t, t, labels: SD * (
+      1.5 * teacher_fn(teacher_params, x_t / SD, t, labels, None)[0]
+      - 0.5 * teacher_fn(teacher_params, x_t / SD, t, jnp.full_like(labels, 3), None)[0])
+  c = ml_collections.ConfigDict(dict(
+      kind=kind, p_mean=-1.0, p_std=1.4, adaptive_weight=True, num_time_buckets=4,
+      tangent_warmup_steps=10, tangent_norm=True, tangent_norm_c=0.1,
+      time_derivative=time_derivative, fd_eps=1e-3, shared_forward=True))
+  out = {}
+  for shared in (True, False):
+    c.shared_forward = shared
+    loss_fn = losses.make_loss_fn(c, apply_fn, SD, dxdt if kind == 'scd' else None)
+    out[shared] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        params, batch, jax.random.PRNGKey(12), 5)
+  (loss_a, m_a), g_a = out[True]
+  (loss_b, m_b), g_b = out[False]
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5, atol=1e-7)
+  for name in m_a:
+    np.testing.assert_allclose(m_a[name], m_b[name], rtol=1e-5, atol=1e-7, err_msg=name)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_b))
+  for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+  assert float(jnp.abs(g_a['logvar']['dense']['kernel']).max()) > 1e-4  # w_phi learns

@@ -1,12 +1,19 @@
 """Training objectives: the TrigFlow diffusion loss and the sCT/sCD consistency loss.
 
 Both take a model function
-    apply_fn(params, x_scaled, t, labels, dropout_key) -> (F, w)
-where x_scaled = x_t / sigma_d, F is the network output and w = w_phi(t) the adaptive
-log-weight head (Lu & Song 2024, Sec. 4.2), and return `(loss, metrics)`.
+    apply_fn(params, x_scaled, t, labels, dropout_keys) -> (F, w)
+where x_scaled = x_t / sigma_d, F is the network output, w = w_phi(t) the adaptive
+log-weight head (Lu & Song 2024, Sec. 4.2) and dropout_keys holds one key per example
+[B, 2], and return `(loss, metrics)`.
 
-The consistency loss uses ONE `jax.jvp` of the stop-gradient model F^- that returns both
-F^- and cos(t) sin(t) sigma_d dF^-/dt (Sec. 4, "continuous-time consistency objective").
+Randomness is per example: the losses take a key, or one key per example, and example
+i's time, noise and dropout come from its own key alone, so they do not depend on the
+batch (or microbatch, see train/step.py) the example is in.
+
+The consistency loss uses ONE `jax.jvp` of the network F that returns both F and
+cos(t) sin(t) sigma_d dF/dt (Sec. 4, "continuous-time consistency objective"). With
+`shared_forward` (the default) the primal output of that jvp IS F_theta: the parameter
+gradient is taken through it, F^- is its stop-gradient, so one forward serves all three.
 """
 
 from typing import Any, Callable, Optional
@@ -24,6 +31,25 @@ ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
 # dxdt_fn(x_t, t, labels) -> dx_t/dt: the teacher PF-ODE drift for sCD.
 DxdtFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
 
+
+# --------------------------------------------------------------- per-example keys
+
+def example_keys(key, batch_size: int) -> jax.Array:
+  """One key per example [B, ...]: `key` itself when it already is one, else
+  fold_in(key, i) for example i (its position in the batch)."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if key.ndim > (0 if typed else 1):
+    return key
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch_size))
+
+
+def split_keys(keys, num: int = 2) -> tuple[jax.Array, ...]:
+  """Splits every example's key into `num` independent keys: num arrays of [B, ...]."""
+  split = jax.vmap(lambda k: jax.random.split(k, num))(keys)
+  return tuple(split[:, i] for i in range(num))
+
+
+# ------------------------------------------------------------------ the math
 
 def per_sample_mean(x):
   """Mean over all non-batch axes: ||x||^2 / D once squared."""
@@ -67,11 +93,14 @@ def time_bucket_stats(t, per_sample, num_buckets):
   return onehot.T @ per_sample.astype(jnp.float32), jnp.sum(onehot, axis=0)
 
 
-def _noisy_sample(key, x0, p_mean, p_std, sigma_d):
-  """Draws (t, z, x_t) from the time proposal and the TrigFlow forward process."""
-  k_t, k_z = jax.random.split(key)
-  t = trigflow.sample_t(k_t, (x0.shape[0],), p_mean, p_std, sigma_d)
-  z = sigma_d * jax.random.normal(k_z, x0.shape, jnp.float32)
+def _noisy_sample(keys, x0, p_mean, p_std, sigma_d):
+  """Draws (t, z, x_t) from the time proposal and the TrigFlow forward process;
+  example i from keys[i] alone."""
+  def one(key):
+    k_t, k_z = jax.random.split(key)
+    t = trigflow.sample_t(k_t, (), p_mean, p_std, sigma_d)
+    return t, sigma_d * jax.random.normal(k_z, x0.shape[1:], jnp.float32)
+  t, z = jax.vmap(one)(keys)
   return t, z, trigflow.add_noise(x0, z, t)
 
 
@@ -96,7 +125,7 @@ def diffusion_loss(params, batch, key, *, apply_fn: ApplyFn, sigma_d: float,
   v_t = cos(t) z - sin(t) x0 is the conditional PF-ODE velocity.
   """
   x0, labels = batch['x'], batch.get('label')
-  k_noise, k_drop = jax.random.split(key)
+  k_noise, k_drop = split_keys(example_keys(key, x0.shape[0]))
   t, z, x_t = _noisy_sample(k_noise, x0, p_mean, p_std, sigma_d)
   F, w = apply_fn(params, x_t / sigma_d, t, labels, k_drop)
   mse = per_sample_mean(jnp.square(sigma_d * F - trigflow.velocity_target(x0, z, t)))
@@ -117,24 +146,66 @@ def consistency_tangent(F_minus, dF_dt_term, dxt_dt, x_t, t, sigma_d, r):
           - r * cos * sin * x_t - r * dF_dt_term)
 
 
-def jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, *, time_derivative='jvp', fd_eps=1e-3):
-  """Returns (F^-, cos t sin t sigma_d dF^-/dt) with one `jax.jvp` of f(x_scaled, t).
+def consistency_target(F_minus, dF_dt_term, dxt_dt, x_t, t, sigma_d, r, tangent_norm, c):
+  """(target F^- + g under stop_gradient, ||g|| per sample before normalization).
+
+  Minimizing ||F_theta - target||^2 takes the gradient step of the continuous-time
+  consistency objective in direction g (Sec. 4); tangent normalization g / (||g|| + c)
+  (Sec. 4.2) bounds its size.
+  """
+  g = consistency_tangent(F_minus, dF_dt_term, dxt_dt, x_t, t, sigma_d, r)
+  g_norm = per_sample_norm(g)
+  if tangent_norm:
+    g = normalize_tangent(g, c)
+  return jax.lax.stop_gradient(F_minus + g), g_norm
+
+
+def jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, *, time_derivative='jvp', fd_eps=1e-3,
+                has_aux=False):
+  """Returns (F, cos t sin t sigma_d dF/dt) with one `jax.jvp` of f(x_scaled, t).
 
   Primals (x_t / sigma_d, t), tangents (cos t sin t dx_t/dt, cos t sin t sigma_d): the
   chain rule through the input scaling gives exactly the needed total derivative.
   time_derivative='finite_difference' keeps the jvp in x but takes the t-part by a
   central difference (an ablation for kernels without a jvp rule; 2 extra forwards).
+  With has_aux, f returns (F, aux) and the result is (F, term, aux), aux at the primal.
   """
   cs = jnp.cos(t) * jnp.sin(t)
   tx = trigflow.expand_t(cs, x_t) * dxt_dt
   x_in = x_t / sigma_d
   if time_derivative == 'jvp':
-    return jax.jvp(f, (x_in, t), (tx, cs * sigma_d))
+    return jax.jvp(f, (x_in, t), (tx, cs * sigma_d), has_aux=has_aux)
   if time_derivative == 'finite_difference':
-    F_minus, jvp_x = jax.jvp(f, (x_in, t), (tx, jnp.zeros_like(t)))
-    dF_dt = (f(x_in, t + fd_eps) - f(x_in, t - fd_eps)) / (2 * fd_eps)
-    return F_minus, jvp_x + trigflow.expand_t(cs * sigma_d, x_t) * dF_dt
+    out = jax.jvp(f, (x_in, t), (tx, jnp.zeros_like(t)), has_aux=has_aux)
+    F_only = (lambda *a: f(*a)[0]) if has_aux else f
+    dF_dt = (F_only(x_in, t + fd_eps) - F_only(x_in, t - fd_eps)) / (2 * fd_eps)
+    term = out[1] + trigflow.expand_t(cs * sigma_d, x_t) * dF_dt
+    return (out[0], term) + tuple(out[2:])
   raise ValueError(f'unknown time_derivative {time_derivative!r}; use one of {TIME_DERIVATIVES}')
+
+
+def shared_forward_pass(apply_fn, params, x_t, t, labels, keys, dxt_dt, sigma_d, **jvp_kw):
+  """(F_theta, w, F^-, jvp) from ONE forward: the jvp of the network at `params`.
+
+  F_theta and w are the primal outputs (the loss differentiates through them), F^- and
+  the tangent term are their stop-gradients, so the step costs the forward, its tangent
+  and the backward: about 4 forwards instead of 5, with the same numbers.
+  """
+  f = lambda x_in, t_in: apply_fn(params, x_in, t_in, labels, keys)
+  F, jvp, w = jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, has_aux=True, **jvp_kw)
+  return F, w, jax.lax.stop_gradient(F), jax.lax.stop_gradient(jvp)
+
+
+def separate_forward_pass(apply_fn, params, x_t, t, labels, keys, dxt_dt, sigma_d,
+                          **jvp_kw):
+  """(F_theta, w, F^-, jvp) as the jvp of the stop-gradient network F^- plus a second
+  forward F_theta at `params` (loss.shared_forward=False; same dropout keys, so the two
+  differ only by the stop-gradient)."""
+  params_sg = jax.lax.stop_gradient(params)
+  f = lambda x_in, t_in: apply_fn(params_sg, x_in, t_in, labels, keys)[0]
+  F_minus, jvp = jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, **jvp_kw)
+  F, w = apply_fn(params, x_t / sigma_d, t, labels, keys)
+  return F, w, F_minus, jvp
 
 
 def consistency_loss(params, batch, key, step, *, apply_fn: ApplyFn, sigma_d: float,
@@ -142,33 +213,27 @@ def consistency_loss(params, batch, key, step, *, apply_fn: ApplyFn, sigma_d: fl
                      tangent_norm: bool = True, tangent_norm_c: float = 0.1,
                      adaptive_weight: bool = True, dxdt_fn: Optional[DxdtFn] = None,
                      time_derivative: str = 'jvp', fd_eps: float = 1e-3,
-                     num_buckets: int = 8):
+                     num_buckets: int = 8, shared_forward: bool = True):
   """sCT (dxdt_fn=None: dx_t/dt = v_t from data) or sCD (dxdt_fn = teacher drift) loss.
 
   loss = E[e^{w}/D ||F_theta - F^- - g||^2 - w], target F^- + g under stop_gradient.
-  Dropout uses the same key in the jvp pass and in the theta pass, so F^- and F_theta
-  differ only by the stop-gradient on the parameters.
+  `shared_forward` picks how F_theta, F^- and dF^-/dt are computed (see
+  shared_forward_pass / separate_forward_pass): the same numbers either way.
   """
   x0, labels = batch['x'], batch.get('label')
-  k_noise, k_drop = jax.random.split(key)
+  k_noise, k_drop = split_keys(example_keys(key, x0.shape[0]))
   t, z, x_t = _noisy_sample(k_noise, x0, p_mean, p_std, sigma_d)
   if dxdt_fn is None:
     dxt_dt = trigflow.velocity_target(x0, z, t)
   else:
     dxt_dt = jax.lax.stop_gradient(dxdt_fn(x_t, t, labels))
 
-  params_sg = jax.lax.stop_gradient(params)
-  f = lambda x_in, t_in: apply_fn(params_sg, x_in, t_in, labels, k_drop)[0]
-  F_minus, dF_dt_term = jvp_F_minus(f, x_t, t, dxt_dt, sigma_d,
-                                    time_derivative=time_derivative, fd_eps=fd_eps)
+  forward = shared_forward_pass if shared_forward else separate_forward_pass
+  F, w, F_minus, jvp = forward(apply_fn, params, x_t, t, labels, k_drop, dxt_dt, sigma_d,
+                               time_derivative=time_derivative, fd_eps=fd_eps)
   r = tangent_warmup(step, tangent_warmup_steps)
-  g = consistency_tangent(F_minus, dF_dt_term, dxt_dt, x_t, t, sigma_d, r)
-  g_norm = per_sample_norm(g)
-  if tangent_norm:
-    g = normalize_tangent(g, tangent_norm_c)
-  target = jax.lax.stop_gradient(F_minus + g)
-
-  F, w = apply_fn(params, x_t / sigma_d, t, labels, k_drop)
+  target, g_norm = consistency_target(F_minus, jvp, dxt_dt, x_t, t, sigma_d, r,
+                                      tangent_norm, tangent_norm_c)
   mse = per_sample_mean(jnp.square(F.astype(jnp.float32) - target))
   loss_i = adaptive_weighting(mse, w, adaptive_weight)
   metrics = _common_metrics(loss_i, mse, w, t, adaptive_weight, num_buckets)
@@ -191,6 +256,7 @@ def make_loss_fn(loss_config: Any, apply_fn: ApplyFn, sigma_d: float,
     kwargs = dict(common, tangent_warmup_steps=c.tangent_warmup_steps,
                   tangent_norm=c.tangent_norm, tangent_norm_c=c.tangent_norm_c,
                   dxdt_fn=dxdt_fn if c.kind == 'scd' else None,
-                  time_derivative=c.time_derivative, fd_eps=c.fd_eps)
+                  time_derivative=c.time_derivative, fd_eps=c.fd_eps,
+                  shared_forward=c.get('shared_forward', True))
     return lambda params, batch, key, step: consistency_loss(params, batch, key, step, **kwargs)
   raise ValueError(f'unknown loss.kind {c.kind!r}; use one of {LOSS_KINDS}')

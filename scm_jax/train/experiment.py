@@ -52,6 +52,8 @@ class Experiment:
     self._check_classes()
     self.mesh = sharding_lib.make_mesh(config.mesh, devices)
     sharding_lib.check_batch_divisible(config.train.batch_size, self.mesh)
+    step_lib.microbatch_size(config.train.batch_size, step_lib.batch_shards(self.mesh),
+                             config.train.get('microbatches', 1))
     self.tx = state_lib.make_optimizer(config)
     abstract = self._abstract_state()
     self.state_shardings = sharding_lib.tree_shardings(abstract, self.mesh, config.sharding)
