@@ -40,8 +40,10 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.loss.tangent_norm = True           # g / (||g|| + c)
   c.loss.tangent_norm_c = 0.1
   c.loss.adaptive_weight = True        # e^{w_phi(t)}/D ||.||^2 - w_phi(t)
-  c.loss.time_derivative = 'jvp'       # jvp | finite_difference (ablation)
+  c.loss.time_derivative = 'jvp'       # jvp | finite_difference (ablation) | discrete
   c.loss.fd_eps = 1e-3
+  c.loss.discrete_dt = 0.01            # discrete-time sCM (Appendix E): step dt back in t
+  c.loss.segments = 1                  # multistep sCM: M segments of [0, pi/2]; sample M steps
   c.loss.num_time_buckets = 8          # loss-by-time metrics
   c.loss.label_dropout = 0.0           # classifier-free guidance training
   c.loss.shared_forward = True         # sCT/sCD: F_theta is the primal of the jvp (1 forward)
@@ -118,6 +120,23 @@ def _check_choice(field: str, value, choices) -> None:
   _check(value in choices, f'config.{field}={value!r} is unknown; choose one of {choices}.')
 
 
+def _check_consistency_variants(c: ml_collections.ConfigDict) -> None:
+  """Multistep (loss.segments) and discrete-time (loss.discrete_dt) fields; .get: runs
+  saved before them."""
+  dt, segments = c.loss.get('discrete_dt', 0.01), c.loss.get('segments', 1)
+  _check(0 < dt < 1.5, f'config.loss.discrete_dt={dt} must be in (0, 1.5) (a step in t; '
+         'e.g. 0.01).')
+  _check(isinstance(segments, int) and segments >= 1,
+         f'config.loss.segments={segments!r} must be an integer >= 1 (1 = one-step sCM).')
+  if segments > 1:
+    _check(c.loss.kind in losses.CONSISTENCY_KINDS,
+           f'config.loss.segments={segments} needs a consistency loss (loss.kind in '
+           f'{losses.CONSISTENCY_KINDS}), got {c.loss.kind!r}; set loss.segments=1.')
+    _check(all(s == segments for s in c.sample.steps),
+           f'config.sample.steps={tuple(c.sample.steps)}: a model with loss.segments='
+           f'{segments} samples in exactly {segments} steps; set sample.steps=({segments},).')
+
+
 def validate_config(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad field and how to fix it.
 
@@ -147,6 +166,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          f'the per-device batch (train.batch_size={c.train.batch_size} / devices).')
   _check(isinstance(c.loss.get('shared_forward', True), bool),
          'config.loss.shared_forward must be True or False.')
+  _check_consistency_variants(c)
   for k in ('log_every', 'ckpt_every'):
     _check(c.train[k] > 0, f'config.train.{k} must be > 0.')
   _check(c.train.sample_every >= 0, 'config.train.sample_every must be >= 0 (0 disables).')

@@ -176,9 +176,15 @@ class Experiment:
     if cache_key not in self._samplers:
       c, shape = self.config, (num,) + self.data_shape
       sd = c.trigflow.sigma_d
+      segments = c.loss.get('segments', 1)
+      if method == 'consistency' and segments > 1 and steps != segments:
+        raise ConfigError(f'this model has loss.segments={segments}: it samples in exactly '
+                          f'{segments} consistency steps (--steps={segments}), got {steps}.')
 
       def run(params, key, labels):
         F_fn = self.F_fn(params, labels, guidance)
+        if method == 'consistency' and segments > 1:
+          return sampling.sample_segments(F_fn, key, shape, sd, segments)
         if method == 'consistency':
           times = sampling.consistency_times(steps, c.sample.t_mid)
           return sampling.sample_consistency(F_fn, key, shape, sd, times)
@@ -192,7 +198,8 @@ class Experiment:
   def sample(self, state_or_params, num: int, steps: Optional[int] = None, key=None,
              labels=None, ema: Optional[str] = None, method: Optional[str] = None,
              guidance: float = 1.0, solver: Optional[str] = None) -> np.ndarray:
-    """Draws `num` samples as numpy. Consistency models default to 2-step sampling;
+    """Draws `num` samples as numpy. Consistency models default to 2-step sampling
+    (multistep ones, loss.segments = M, to their M steps along the segments);
     diffusion models (or method='ode') integrate the PF-ODE with sample.ode_steps
     steps of `solver` (default sample.ode_solver)."""
     c = self.config
@@ -201,7 +208,8 @@ class Experiment:
     else:
       params = state_or_params
     method = method or ('consistency' if self.is_consistency_model else 'ode')
-    steps = steps or (2 if method == 'consistency' else c.sample.ode_steps)
+    default = c.loss.get('segments', 1) if c.loss.get('segments', 1) > 1 else 2
+    steps = steps or (default if method == 'consistency' else c.sample.ode_steps)
     key = jax.random.PRNGKey(c.sample.seed) if key is None else key
     if self.num_classes and labels is None:
       labels = np.arange(num) % self.num_classes
