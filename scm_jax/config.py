@@ -44,6 +44,13 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.loss.fd_eps = 1e-3
   c.loss.discrete_dt = 0.01            # discrete-time sCM (Appendix E): step dt back in t
   c.loss.segments = 1                  # multistep sCM: M segments of [0, pi/2]; sample M steps
+  # loss.kind='scd_vsd' (sCD + adaptive VSD, App. C / Table 5): VSD term on 1-step samples
+  c.loss.vsd_weight = 1.0              # lambda_VSD
+  c.loss.vsd_p_mean = 0.4              # time proposal of the VSD term
+  c.loss.vsd_p_std = 2.0
+  c.loss.vsd_sigma_max = 80.0          # 1-step samples from t_max = arctan(80 / sigma_d)
+  c.loss.vsd_phi_p_mean = -0.8         # F_phi's diffusion loss proposal
+  c.loss.vsd_phi_p_std = 1.6
   c.loss.num_time_buckets = 8          # loss-by-time metrics
   c.loss.label_dropout = 0.0           # classifier-free guidance training
   c.loss.shared_forward = True         # sCT/sCD: F_theta is the primal of the jvp (1 forward)
@@ -70,6 +77,8 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.teacher.step = -1                  # its checkpoint step; -1 = newest
   c.teacher.guidance = 1.0             # classifier-free guidance scale of the teacher
   c.teacher.init_student = True        # student starts from the teacher's weights (paper)
+  c.teacher.student_workdir = ''       # scd_vsd: the student starts from this sCD run ...
+  c.teacher.student_ema = ''           # ... with these weights ('' = its first EMA)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 10000
@@ -135,6 +144,14 @@ def _check_consistency_variants(c: ml_collections.ConfigDict) -> None:
     _check(all(s == segments for s in c.sample.steps),
            f'config.sample.steps={tuple(c.sample.steps)}: a model with loss.segments='
            f'{segments} samples in exactly {segments} steps; set sample.steps=({segments},).')
+  if c.loss.kind == 'scd_vsd':
+    _check(segments == 1, "config.loss.kind='scd_vsd' trains 1-step samples: set "
+           'loss.segments=1.')
+    _check(c.train.get('microbatches', 1) == 1, "config.loss.kind='scd_vsd' does not "
+           'accumulate gradients (F_phi learns from each step\'s samples): set '
+           'train.microbatches=1.')
+    _check(c.loss.vsd_p_std > 0 and c.loss.vsd_phi_p_std > 0 and c.loss.vsd_sigma_max > 0,
+           'config.loss.vsd_p_std, vsd_phi_p_std and vsd_sigma_max must be > 0.')
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:

@@ -24,8 +24,10 @@ import jax.numpy as jnp
 from scm_jax.core import segments as segments_lib
 from scm_jax.core import trigflow
 
-LOSS_KINDS = ('sct', 'scd', 'diffusion')
-CONSISTENCY_KINDS = ('sct', 'scd')  # trained as consistency models (sampled in 1-2 steps)
+LOSS_KINDS = ('sct', 'scd', 'diffusion', 'scd_vsd')
+# Trained as consistency models (sampled in 1-2 steps); 'scd_vsd' = sCD + VSD (core/vsd.py).
+CONSISTENCY_KINDS = ('sct', 'scd', 'scd_vsd')
+DISTILLATION_KINDS = ('scd', 'scd_vsd')  # need a teacher
 # 'jvp': exact dF/dt; 'finite_difference': jvp in x, central difference in t (ablation);
 # 'discrete': discrete-time sCM (Appendix E), a backward difference over dt, no jvp.
 TIME_DERIVATIVES = ('jvp', 'finite_difference', 'discrete')
@@ -320,6 +322,8 @@ def make_loss_fn(loss_config: Any, apply_fn: ApplyFn, sigma_d: float,
                 adaptive_weight=c.adaptive_weight, num_buckets=c.num_time_buckets)
   if c.kind == 'diffusion':
     return lambda params, batch, key, step: diffusion_loss(params, batch, key, **common)
+  if c.kind == 'scd_vsd':
+    raise ValueError('loss.kind="scd_vsd" has two losses: core.vsd.make_scd_vsd_loss_fns')
   if c.kind in CONSISTENCY_KINDS:
     if c.kind == 'scd' and dxdt_fn is None:
       raise ValueError('loss.kind="scd" needs a teacher (dxdt_fn)')

@@ -77,9 +77,9 @@ class Experiment:
       raise ConfigError(f'config.model.num_classes={self.num_classes} but the data source '
                         f'{name!r} has {self.source.num_classes} classes.')
 
-  def _init(self, key, params=None):
+  def _init(self, key, params=None, aux_params=None):
     return state_lib.create_train_state(self.config, self.model, self.data_shape, key,
-                                        self.tx, params)
+                                        self.tx, params, aux_params)
 
   def _abstract_state(self):
     """The TrainState's shapes; also catches a model that cannot take the data (e.g.
@@ -125,11 +125,13 @@ class Experiment:
     seed = self.config.seed if seed is None else seed
     # Given params (e.g. a teacher's, on its own mesh) are placed like the state's and
     # passed as an argument, not baked into the program as constants.
-    params = self.teacher.init_params
+    params, aux = self.teacher.init_params, self.teacher.aux_init
     if params is not None:
       params = jax.device_put(params, self.state_shardings.params)
+    if aux is not None:  # scd_vsd: F_phi from the teacher
+      aux = jax.device_put(aux, self.state_shardings.aux_params)
     init = jax.jit(self._init, out_shardings=self.state_shardings)
-    return init(jax.random.PRNGKey(seed), params)
+    return init(jax.random.PRNGKey(seed), params, aux)
 
   def data_stream(self, prefetch: Optional[int] = None) -> data_lib.BatchStream:
     """A new training batch stream of this process, from the start (data/pipeline.py).
