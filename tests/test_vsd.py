@@ -2,7 +2,11 @@
 samples, the auxiliary model F_phi in the TrainState (one update per step) and its
 checkpoint round trip."""
 
+import dataclasses
 import math
+from typing import Any
+
+import flax
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +58,18 @@ def test_vsd_gradient_is_the_x0_difference_through_the_sample():
   assert x_hat.shape == (B, D) and float(jnp.abs(x_hat).max()) > 0
 
 
+@flax.struct.dataclass
+class OldTrainState:
+  """The TrainState as it was before loss.kind='scd_vsd' (its checkpoints must load)."""
+  step: Any
+  params: Any
+  ema: dict
+  opt_state: Any
+  rng: Any
+  nonfinite_total: Any
+  nonfinite_streak: Any
+
+
 def _experiment(**overrides):
   from scm_jax.train.experiment import Experiment
   c = helpers.toy_config(**{'loss.kind': 'scd_vsd', 'model.width': 32,
@@ -95,6 +111,17 @@ def test_vsd_step_updates_phi_and_checkpoint_round_trip(tmp_path):
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='aux_params'):
     ckpt.restore(2, sct.abstract_state, workdir_lib.compatibility(
         str(tmp_path), sct.abstract_state, data_shape=exp.data_shape))
+  # A checkpoint of the TrainState before the aux fields existed restores into today's
+  # state of a run without F_phi.
+  state = sct.init_state()
+  old = OldTrainState(**{f.name: getattr(state, f.name)
+                         for f in dataclasses.fields(OldTrainState)})
+  ckpt.save(3, old, {'data_shape': list(exp.data_shape)})
+  ckpt.wait()
+  restored, _ = ckpt.restore(3, sct.abstract_state, lambda *a: None)
+  assert restored.aux_params is None and int(restored.step) == 0
+  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))):
+    np.testing.assert_array_equal(a, b)
   ckpt.close()
 
 
