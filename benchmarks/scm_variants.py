@@ -33,6 +33,7 @@ VARIANTS = {
     'multistep sCD (M=4)': {'loss.segments': 4, 'sample.steps': (4,)},
     'discrete-time sCD': {'loss.time_derivative': 'discrete'},
     'sCD + VSD': {'loss.kind': 'scd_vsd'},
+    'sCD (again)': {},  # the same program last: the spread of the ratios from order/noise
 }
 
 
