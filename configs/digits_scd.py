@@ -4,20 +4,25 @@
     python -m scm_jax.train --config=configs/digits_scd.py --workdir=runs/digits_scd \\
         --config.teacher.workdir=runs/digits_teacher
     python -m scm_jax.sample --workdir=runs/digits_scd --steps=1 --num=100 --labels=0,1,2,3,4,5,6,7,8,9
+    python -m scm_jax.train --config=configs/digits_scd.py:vsd --workdir=runs/digits_vsd \
+        --config.teacher.workdir=runs/digits_teacher --config.teacher.student_workdir=runs/digits_scd
 
 Stage 'teacher': TrigFlow diffusion with a label embedding (10 classes + the null class)
 and 10% label dropout, so classifier-free guidance is available. Stage 'student' (the
 default): sCD from the teacher's EMA, starting from the teacher's weights (the paper's
 initialization), same architecture. --config.teacher.guidance=W distills the guided
-teacher velocity. The U-Net is the digits default (24 channels, batch 64).
+teacher velocity. The U-Net is the digits default (24 channels, batch 64). Stage 'vsd':
+sCD + adaptive VSD (Appendix C) for a few hundred steps after sCD, from the sCD run's
+weights (teacher.student_workdir), F_phi from the teacher.
 """
 
 from configs import digits_sct
+from configs import toy2d_scd
 
 
 def get_config(stage: str = 'student'):
-  if stage not in ('teacher', 'student'):
-    raise ValueError(f'unknown stage {stage!r}; use configs/digits_scd.py[:teacher]')
+  if stage not in ('teacher', 'student', 'vsd'):
+    raise ValueError(f'unknown stage {stage!r}; use configs/digits_scd.py[:teacher|vsd]')
   c = digits_sct.get_config()  # the digits U-Net, data and logging
   c.model.channels = 24
   c.model.num_classes = 10
@@ -44,4 +49,6 @@ def get_config(stage: str = 'student'):
   c.teacher.ema = 'pema_0.05'
   c.teacher.guidance = 1.0
   c.teacher.init_student = True
+  if stage == 'vsd':
+    toy2d_scd.set_vsd_stage(c, num_steps=400)
   return c

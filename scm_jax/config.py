@@ -40,8 +40,17 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.loss.tangent_norm = True           # g / (||g|| + c)
   c.loss.tangent_norm_c = 0.1
   c.loss.adaptive_weight = True        # e^{w_phi(t)}/D ||.||^2 - w_phi(t)
-  c.loss.time_derivative = 'jvp'       # jvp | finite_difference (ablation)
+  c.loss.time_derivative = 'jvp'       # jvp | finite_difference (ablation) | discrete
   c.loss.fd_eps = 1e-3
+  c.loss.discrete_dt = 0.01            # discrete-time sCM (Appendix E): step dt back in t
+  c.loss.segments = 1                  # multistep sCM: M segments of [0, pi/2]; sample M steps
+  # loss.kind='scd_vsd' (sCD + adaptive VSD, App. C / Table 5): VSD term on 1-step samples
+  c.loss.vsd_weight = 1.0              # lambda_VSD
+  c.loss.vsd_p_mean = 0.4              # time proposal of the VSD term
+  c.loss.vsd_p_std = 2.0
+  c.loss.vsd_sigma_max = 80.0          # 1-step samples from t_max = arctan(80 / sigma_d)
+  c.loss.vsd_phi_p_mean = -0.8         # F_phi's diffusion loss proposal
+  c.loss.vsd_phi_p_std = 1.6
   c.loss.num_time_buckets = 8          # loss-by-time metrics
   c.loss.label_dropout = 0.0           # classifier-free guidance training
   c.loss.shared_forward = True         # sCT/sCD: F_theta is the primal of the jvp (1 forward)
@@ -68,6 +77,8 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.teacher.step = -1                  # its checkpoint step; -1 = newest
   c.teacher.guidance = 1.0             # classifier-free guidance scale of the teacher
   c.teacher.init_student = True        # student starts from the teacher's weights (paper)
+  c.teacher.student_workdir = ''       # scd_vsd: the student starts from this sCD run ...
+  c.teacher.student_ema = ''           # ... with these weights ('' = its first EMA)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 10000
@@ -118,6 +129,31 @@ def _check_choice(field: str, value, choices) -> None:
   _check(value in choices, f'config.{field}={value!r} is unknown; choose one of {choices}.')
 
 
+def _check_consistency_variants(c: ml_collections.ConfigDict) -> None:
+  """Multistep (loss.segments) and discrete-time (loss.discrete_dt) fields; .get: runs
+  saved before them."""
+  dt, segments = c.loss.get('discrete_dt', 0.01), c.loss.get('segments', 1)
+  _check(0 < dt < 1.5, f'config.loss.discrete_dt={dt} must be in (0, 1.5) (a step in t; '
+         'e.g. 0.01).')
+  _check(isinstance(segments, int) and segments >= 1,
+         f'config.loss.segments={segments!r} must be an integer >= 1 (1 = one-step sCM).')
+  if segments > 1:
+    _check(c.loss.kind in losses.CONSISTENCY_KINDS,
+           f'config.loss.segments={segments} needs a consistency loss (loss.kind in '
+           f'{losses.CONSISTENCY_KINDS}), got {c.loss.kind!r}; set loss.segments=1.')
+    _check(all(s == segments for s in c.sample.steps),
+           f'config.sample.steps={tuple(c.sample.steps)}: a model with loss.segments='
+           f'{segments} samples in exactly {segments} steps; set sample.steps=({segments},).')
+  if c.loss.kind == 'scd_vsd':
+    _check(segments == 1, "config.loss.kind='scd_vsd' trains 1-step samples: set "
+           'loss.segments=1.')
+    _check(c.train.get('microbatches', 1) == 1, "config.loss.kind='scd_vsd' does not "
+           'accumulate gradients (F_phi learns from each step\'s samples): set '
+           'train.microbatches=1.')
+    _check(c.loss.vsd_p_std > 0 and c.loss.vsd_phi_p_std > 0 and c.loss.vsd_sigma_max > 0,
+           'config.loss.vsd_p_std, vsd_phi_p_std and vsd_sigma_max must be > 0.')
+
+
 def validate_config(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad field and how to fix it.
 
@@ -155,6 +191,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          f'the per-device batch (train.batch_size={c.train.batch_size} / devices).')
   _check(isinstance(c.loss.get('shared_forward', True), bool),
          'config.loss.shared_forward must be True or False.')
+  _check_consistency_variants(c)
   for k in ('log_every', 'ckpt_every'):
     _check(c.train[k] > 0, f'config.train.{k} must be > 0.')
   _check(c.train.sample_every >= 0, 'config.train.sample_every must be >= 0 (0 disables).')

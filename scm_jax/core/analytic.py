@@ -51,6 +51,19 @@ class GaussianData:
     x_t = self.sigma_d * x_scaled
     return trigflow.F_from_x0(x_t, self.consistency(x_t, t), t, self.sigma_d)
 
+  def ode_solution(self, x_t, t, s):
+    """The PF-ODE solution at time s <= t from x_t: the standardized value is constant."""
+    te, se = trigflow.expand_t(t, x_t), trigflow.expand_t(s, x_t)
+    return (jnp.cos(se) * self.mu
+            + jnp.sqrt(self.var(se) / self.var(te)) * (x_t - jnp.cos(te) * self.mu))
+
+  def F_multistep(self, x_scaled, t, s):
+    """The exact multistep consistency-model output for segment start s (core/segments.py):
+    f(x_t, t) = cos(t-s) x_t - sin(t-s) sigma_d F = the ODE solution at s."""
+    x_t = self.sigma_d * x_scaled
+    return trigflow.F_from_x0(x_t, self.ode_solution(x_t, t, s), jnp.asarray(t) - s,
+                              self.sigma_d)
+
   # Exact teachers in other parameterizations (for the conversion wrappers).
 
   def edm_denoiser(self, x_sigma, sigma):

@@ -21,11 +21,16 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from scm_jax.core import segments as segments_lib
 from scm_jax.core import trigflow
 
-LOSS_KINDS = ('sct', 'scd', 'diffusion')
-CONSISTENCY_KINDS = ('sct', 'scd')  # trained as consistency models (sampled in 1-2 steps)
-TIME_DERIVATIVES = ('jvp', 'finite_difference')
+LOSS_KINDS = ('sct', 'scd', 'diffusion', 'scd_vsd')
+# Trained as consistency models (sampled in 1-2 steps); 'scd_vsd' = sCD + VSD (core/vsd.py).
+CONSISTENCY_KINDS = ('sct', 'scd', 'scd_vsd')
+DISTILLATION_KINDS = ('scd', 'scd_vsd')  # need a teacher
+# 'jvp': exact dF/dt; 'finite_difference': jvp in x, central difference in t (ablation);
+# 'discrete': discrete-time sCM (Appendix E), a backward difference over dt, no jvp.
+TIME_DERIVATIVES = ('jvp', 'finite_difference', 'discrete')
 
 ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
 # dxdt_fn(x_t, t, labels) -> dx_t/dt: the teacher PF-ODE drift for sCD.
@@ -137,8 +142,10 @@ def consistency_tangent(F_minus, dF_dt_term, dxt_dt, x_t, t, sigma_d, r):
   """The sCM tangent g (Lu & Song 2024, eq. for the continuous-time objective).
 
   g = -cos^2(t) (sigma_d F^- - dx_t/dt) - r cos(t) sin(t) x_t - r * jvp,
-  with jvp = cos(t) sin(t) sigma_d dF^-/dt as returned by `jvp_F_minus`.
-  With the exact consistency model and exact dx_t/dt, g = 0.
+  with jvp = cos(t) sin(t) sigma_d dF^-/dt as returned by `jvp_F_minus`; at r = 1,
+  g = cos(t) df^-/dt. With the exact consistency model and exact dx_t/dt, g = 0.
+  Multistep models pass t - s (s = the segment start) here: g = cos(t-s) df^-/dt for
+  f = cos(t-s) x_t - sin(t-s) sigma_d F (core/segments.py).
   """
   te = trigflow.expand_t(t, x_t)
   cos, sin = jnp.cos(te), jnp.sin(te)
@@ -161,7 +168,7 @@ def consistency_target(F_minus, dF_dt_term, dxt_dt, x_t, t, sigma_d, r, tangent_
 
 
 def jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, *, time_derivative='jvp', fd_eps=1e-3,
-                has_aux=False):
+                has_aux=False, tau=None):
   """Returns (F, cos t sin t sigma_d dF/dt) with one `jax.jvp` of f(x_scaled, t).
 
   Primals (x_t / sigma_d, t), tangents (cos t sin t dx_t/dt, cos t sin t sigma_d): the
@@ -169,8 +176,10 @@ def jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, *, time_derivative='jvp', fd_eps=1e-
   time_derivative='finite_difference' keeps the jvp in x but takes the t-part by a
   central difference (an ablation for kernels without a jvp rule; 2 extra forwards).
   With has_aux, f returns (F, aux) and the result is (F, term, aux), aux at the primal.
+  `tau` (default t) replaces t in the factor cos sin: t - s for multistep models.
   """
-  cs = jnp.cos(t) * jnp.sin(t)
+  tau = t if tau is None else tau
+  cs = jnp.cos(tau) * jnp.sin(tau)
   tx = trigflow.expand_t(cs, x_t) * dxt_dt
   x_in = x_t / sigma_d
   if time_derivative == 'jvp':
@@ -184,28 +193,80 @@ def jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, *, time_derivative='jvp', fd_eps=1e-
   raise ValueError(f'unknown time_derivative {time_derivative!r}; use one of {TIME_DERIVATIVES}')
 
 
-def shared_forward_pass(apply_fn, params, x_t, t, labels, keys, dxt_dt, sigma_d, **jvp_kw):
+def discrete_time_term(F_minus, F_prev, x_t, x_prev, dxt_dt, tau, tau_prev, sigma_d):
+  """Discrete-time sCM (Lu & Song 2024, Appendix E, Algorithm 2): the stand-in J for
+  the jvp term cos(t) sin(t) sigma_d dF^-/dt (tau = t - s in place of t).
+
+  J is chosen so that consistency_tangent at r = 1 gives the discrete-time tangent
+  g = cos(tau) (f^-(x_t, t) - f^-(x_{t'}, t')) / (t - t'), a backward difference of the
+  stop-gradient consistency function along the trajectory (x_{t'} one step back, t' =
+  t - dt): the target uses F^- at t - dt, no jvp. As dt -> 0, J -> jvp at rate O(dt); the
+  tangent warmup r keeps its meaning (it scales the same terms as in continuous time).
+  """
+  h = trigflow.expand_t(jnp.maximum(tau - tau_prev, 1e-12), x_t)
+  diff = (segments_lib.jump(x_t, F_minus, tau, 0.0, sigma_d)
+          - segments_lib.jump(x_prev, F_prev, tau_prev, 0.0, sigma_d))
+  te = trigflow.expand_t(tau, x_t)
+  cos, sin = jnp.cos(te), jnp.sin(te)
+  return (-jnp.square(cos) * (sigma_d * F_minus - dxt_dt) - cos * sin * x_t
+          - cos * diff / h)
+
+
+def _discrete_term(apply_fn, params, F_minus, x_t, t, labels, keys, dxt_dt, sigma_d, tau,
+                   prev):
+  """discrete_time_term with F^- at `prev` = (x_{t'}, t') from one more stop-gradient
+  forward (same dropout keys)."""
+  x_prev, t_prev = prev
+  params_sg = jax.lax.stop_gradient(params)
+  F_prev = jax.lax.stop_gradient(apply_fn(params_sg, x_prev / sigma_d, t_prev, labels, keys)[0])
+  tau_prev = tau - (t - t_prev)
+  return discrete_time_term(F_minus, F_prev, x_t, x_prev, dxt_dt, tau, tau_prev, sigma_d)
+
+
+def shared_forward_pass(apply_fn, params, x_t, t, labels, keys, dxt_dt, sigma_d, *,
+                        tau=None, prev=None, **jvp_kw):
   """(F_theta, w, F^-, jvp) from ONE forward: the jvp of the network at `params`.
 
   F_theta and w are the primal outputs (the loss differentiates through them), F^- and
   the tangent term are their stop-gradients, so the step costs the forward, its tangent
-  and the backward: about 4 forwards instead of 5, with the same numbers.
+  and the backward: about 4 forwards instead of 5, with the same numbers. Discrete time
+  (`prev` given): a plain forward and the stop-gradient forward at t' instead of the jvp.
   """
+  if prev is not None:
+    F, w = apply_fn(params, x_t / sigma_d, t, labels, keys)
+    F_minus = jax.lax.stop_gradient(F)
+    return F, w, F_minus, _discrete_term(apply_fn, params, F_minus, x_t, t, labels, keys,
+                                         dxt_dt, sigma_d, tau, prev)
   f = lambda x_in, t_in: apply_fn(params, x_in, t_in, labels, keys)
-  F, jvp, w = jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, has_aux=True, **jvp_kw)
+  F, jvp, w = jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, has_aux=True, tau=tau, **jvp_kw)
   return F, w, jax.lax.stop_gradient(F), jax.lax.stop_gradient(jvp)
 
 
-def separate_forward_pass(apply_fn, params, x_t, t, labels, keys, dxt_dt, sigma_d,
-                          **jvp_kw):
+def separate_forward_pass(apply_fn, params, x_t, t, labels, keys, dxt_dt, sigma_d, *,
+                          tau=None, prev=None, **jvp_kw):
   """(F_theta, w, F^-, jvp) as the jvp of the stop-gradient network F^- plus a second
   forward F_theta at `params` (loss.shared_forward=False; same dropout keys, so the two
-  differ only by the stop-gradient)."""
+  differ only by the stop-gradient). Discrete time: F^- by a stop-gradient forward."""
   params_sg = jax.lax.stop_gradient(params)
-  f = lambda x_in, t_in: apply_fn(params_sg, x_in, t_in, labels, keys)[0]
-  F_minus, jvp = jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, **jvp_kw)
+  if prev is not None:
+    F_minus = apply_fn(params_sg, x_t / sigma_d, t, labels, keys)[0]
+    jvp = _discrete_term(apply_fn, params, F_minus, x_t, t, labels, keys, dxt_dt, sigma_d,
+                         tau, prev)
+  else:
+    f = lambda x_in, t_in: apply_fn(params_sg, x_in, t_in, labels, keys)[0]
+    F_minus, jvp = jvp_F_minus(f, x_t, t, dxt_dt, sigma_d, tau=tau, **jvp_kw)
   F, w = apply_fn(params, x_t / sigma_d, t, labels, keys)
   return F, w, F_minus, jvp
+
+
+def previous_point(x_t, t, dxt_dt, s, dt):
+  """(x_{t'}, t') with t' = max(t - dt, s) for discrete-time sCM: the DDIM step
+  cos(h) x_t - sin(h) dx_t/dt (h = t - t'). With the teacher drift (sCD) that is the
+  teacher's first-order ODE step; with v_t (sCT) it is exactly the noisy point at t' on
+  the same (x0, z) path."""
+  t_prev = jnp.maximum(t - dt, s)
+  h = trigflow.expand_t(t - t_prev, x_t)
+  return jnp.cos(h) * x_t - jnp.sin(h) * dxt_dt, t_prev
 
 
 def consistency_loss(params, batch, key, step, *, apply_fn: ApplyFn, sigma_d: float,
@@ -213,12 +274,16 @@ def consistency_loss(params, batch, key, step, *, apply_fn: ApplyFn, sigma_d: fl
                      tangent_norm: bool = True, tangent_norm_c: float = 0.1,
                      adaptive_weight: bool = True, dxdt_fn: Optional[DxdtFn] = None,
                      time_derivative: str = 'jvp', fd_eps: float = 1e-3,
-                     num_buckets: int = 8, shared_forward: bool = True):
+                     num_buckets: int = 8, shared_forward: bool = True,
+                     segments: int = 1, discrete_dt: float = 0.01):
   """sCT (dxdt_fn=None: dx_t/dt = v_t from data) or sCD (dxdt_fn = teacher drift) loss.
 
   loss = E[e^{w}/D ||F_theta - F^- - g||^2 - w], target F^- + g under stop_gradient.
   `shared_forward` picks how F_theta, F^- and dF^-/dt are computed (see
   shared_forward_pass / separate_forward_pass): the same numbers either way.
+  `segments` = M > 1: multistep sCM, f jumps to the start s of t's segment
+  (core/segments.py), g = cos(t-s) df^-/dt. time_derivative='discrete': the tangent is
+  a backward difference over `discrete_dt` (discrete_time_term), not a jvp.
   """
   x0, labels = batch['x'], batch.get('label')
   k_noise, k_drop = split_keys(example_keys(key, x0.shape[0]))
@@ -227,12 +292,19 @@ def consistency_loss(params, batch, key, step, *, apply_fn: ApplyFn, sigma_d: fl
     dxt_dt = trigflow.velocity_target(x0, z, t)
   else:
     dxt_dt = jax.lax.stop_gradient(dxdt_fn(x_t, t, labels))
+  s = segments_lib.segment_start(t, segments)
+  tau = t - s  # = t for M = 1
 
+  kw = dict(tau=tau)
+  if time_derivative == 'discrete':
+    kw['prev'] = previous_point(x_t, t, dxt_dt, s, discrete_dt)
+  else:
+    kw.update(time_derivative=time_derivative, fd_eps=fd_eps)
   forward = shared_forward_pass if shared_forward else separate_forward_pass
   F, w, F_minus, jvp = forward(apply_fn, params, x_t, t, labels, k_drop, dxt_dt, sigma_d,
-                               time_derivative=time_derivative, fd_eps=fd_eps)
+                               **kw)
   r = tangent_warmup(step, tangent_warmup_steps)
-  target, g_norm = consistency_target(F_minus, jvp, dxt_dt, x_t, t, sigma_d, r,
+  target, g_norm = consistency_target(F_minus, jvp, dxt_dt, x_t, tau, sigma_d, r,
                                       tangent_norm, tangent_norm_c)
   mse = per_sample_mean(jnp.square(F.astype(jnp.float32) - target))
   loss_i = adaptive_weighting(mse, w, adaptive_weight)
@@ -250,6 +322,8 @@ def make_loss_fn(loss_config: Any, apply_fn: ApplyFn, sigma_d: float,
                 adaptive_weight=c.adaptive_weight, num_buckets=c.num_time_buckets)
   if c.kind == 'diffusion':
     return lambda params, batch, key, step: diffusion_loss(params, batch, key, **common)
+  if c.kind == 'scd_vsd':
+    raise ValueError('loss.kind="scd_vsd" has two losses: core.vsd.make_scd_vsd_loss_fns')
   if c.kind in CONSISTENCY_KINDS:
     if c.kind == 'scd' and dxdt_fn is None:
       raise ValueError('loss.kind="scd" needs a teacher (dxdt_fn)')
@@ -257,6 +331,7 @@ def make_loss_fn(loss_config: Any, apply_fn: ApplyFn, sigma_d: float,
                   tangent_norm=c.tangent_norm, tangent_norm_c=c.tangent_norm_c,
                   dxdt_fn=dxdt_fn if c.kind == 'scd' else None,
                   time_derivative=c.time_derivative, fd_eps=c.fd_eps,
-                  shared_forward=c.get('shared_forward', True))
+                  shared_forward=c.get('shared_forward', True),
+                  segments=c.get('segments', 1), discrete_dt=c.get('discrete_dt', 0.01))
     return lambda params, batch, key, step: consistency_loss(params, batch, key, step, **kwargs)
   raise ValueError(f'unknown loss.kind {c.kind!r}; use one of {LOSS_KINDS}')

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from scm_jax.core import segments as segments_lib
 from scm_jax.core import trigflow
 
 FFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -65,6 +66,21 @@ def sample_consistency(F_fn: FFn, key, shape, sigma_d: float,
     x_t = jnp.cos(t) * x0 + jnp.sin(t) * z
     x0 = consistency_step(F_fn, x_t, t, sigma_d)
   return x0
+
+
+def sample_segments(F_fn: FFn, key, shape, sigma_d: float, segments: int):
+  """Sampling a multistep consistency model (loss.segments = M, core/segments.py):
+  z ~ N(0, sigma_d^2 I) at pi/2, then M deterministic DDIM-like jumps along the segment
+  boundaries pi/2 -> s_{M-1} -> ... -> 0, x_s = cos(t - s) x_t - sin(t - s) sigma_d
+  F(x_t / sigma_d, t), each with the network at its segment's end t (as the
+  deterministic sampler of Heek et al. 2024). M = 1 is 1-step consistency sampling.
+  """
+  ts = segments_lib.boundaries(segments)
+  x = sigma_d * jax.random.normal(key, shape, jnp.float32)
+  for t, s in zip(ts[:0:-1], ts[-2::-1]):
+    tb = jnp.full((shape[0],), t, jnp.float32)
+    x = segments_lib.jump(x, F_fn(x / sigma_d, tb), t, s, sigma_d)
+  return x
 
 
 # ------------------------------------------------------------------- PF-ODE

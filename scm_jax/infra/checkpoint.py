@@ -23,6 +23,7 @@ Before each save the free space is checked against the size of a checkpoint: a s
 cannot fit fails at once with one line (DiskFullError), the previous checkpoints intact.
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -54,6 +55,23 @@ def flat_shapes(tree) -> dict[str, tuple]:
   """{'params/Dense_0/kernel': (2, 256), ...} for arrays, abstract arrays or metadata."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {sharding.path_str(p): tuple(getattr(x, 'shape', ())) for p, x in leaves}
+
+
+def _stored(state):
+  """The state as Orbax stores it: a dataclass state (TrainState) becomes the dict of its
+  fields that are not None, so optional fields (e.g. the scd_vsd auxiliary model) are
+  absent from other runs' checkpoints and older checkpoints keep loading."""
+  if dataclasses.is_dataclass(state):
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if getattr(state, f.name) is not None}
+  return state
+
+
+def _unstored(restored, abstract_state):
+  """Inverse of `_stored` for a state shaped like `abstract_state`."""
+  if dataclasses.is_dataclass(abstract_state):
+    return abstract_state.replace(**restored)
+  return restored
 
 
 class IncompatibleCheckpointError(CheckpointError):
@@ -176,7 +194,7 @@ class Checkpointer:
     self.check_space(state, step)
     fingerprint, _ = state_fingerprint(state)
     meta = dict(meta, format_version=FORMAT_VERSION, step=int(step), fingerprint=fingerprint)
-    items = {'state': ocp.args.StandardSave(state)}
+    items = {'state': ocp.args.StandardSave(_stored(state))}
     if data is not None:
       snapshot = _Snapshot(data)
       meta['data_digests'] = _all_processes(data_digest(snapshot.get_state()))
@@ -272,8 +290,8 @@ class Checkpointer:
           f'checkpoint step {step} in {self.directory} was written by a newer scm_jax '
           f'(format {meta["format_version"]} > {FORMAT_VERSION}); upgrade scm_jax.')
     validate(step, meta, self.saved_shapes(step))
-    state = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))['state']
+    state = _unstored(self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_stored(abstract_state))))['state'], abstract_state)
     fingerprint, finite = state_fingerprint(state)
     saved = meta.get('fingerprint')
     if saved is not None and saved != fingerprint:

@@ -77,9 +77,9 @@ class Experiment:
       raise ConfigError(f'config.model.num_classes={self.num_classes} but the data source '
                         f'{name!r} has {self.source.num_classes} classes.')
 
-  def _init(self, key, params=None):
+  def _init(self, key, params=None, aux_params=None):
     return state_lib.create_train_state(self.config, self.model, self.data_shape, key,
-                                        self.tx, params)
+                                        self.tx, params, aux_params)
 
   def _abstract_state(self):
     """The TrainState's shapes; also catches a model that cannot take the data (e.g.
@@ -125,11 +125,13 @@ class Experiment:
     seed = self.config.seed if seed is None else seed
     # Given params (e.g. a teacher's, on its own mesh) are placed like the state's and
     # passed as an argument, not baked into the program as constants.
-    params = self.teacher.init_params
+    params, aux = self.teacher.init_params, self.teacher.aux_init
     if params is not None:
       params = jax.device_put(params, self.state_shardings.params)
+    if aux is not None:  # scd_vsd: F_phi from the teacher
+      aux = jax.device_put(aux, self.state_shardings.aux_params)
     init = jax.jit(self._init, out_shardings=self.state_shardings)
-    return init(jax.random.PRNGKey(seed), params)
+    return init(jax.random.PRNGKey(seed), params, aux)
 
   def data_stream(self, prefetch: Optional[int] = None) -> data_lib.BatchStream:
     """A new training batch stream of this process, from the start (data/pipeline.py).
@@ -176,9 +178,15 @@ class Experiment:
     if cache_key not in self._samplers:
       c, shape = self.config, (num,) + self.data_shape
       sd = c.trigflow.sigma_d
+      segments = c.loss.get('segments', 1)
+      if method == 'consistency' and segments > 1 and steps != segments:
+        raise ConfigError(f'this model has loss.segments={segments}: it samples in exactly '
+                          f'{segments} consistency steps (--steps={segments}), got {steps}.')
 
       def run(params, key, labels):
         F_fn = self.F_fn(params, labels, guidance)
+        if method == 'consistency' and segments > 1:
+          return sampling.sample_segments(F_fn, key, shape, sd, segments)
         if method == 'consistency':
           times = sampling.consistency_times(steps, c.sample.t_mid)
           return sampling.sample_consistency(F_fn, key, shape, sd, times)
@@ -192,7 +200,8 @@ class Experiment:
   def sample(self, state_or_params, num: int, steps: Optional[int] = None, key=None,
              labels=None, ema: Optional[str] = None, method: Optional[str] = None,
              guidance: float = 1.0, solver: Optional[str] = None) -> np.ndarray:
-    """Draws `num` samples as numpy. Consistency models default to 2-step sampling;
+    """Draws `num` samples as numpy. Consistency models default to 2-step sampling
+    (multistep ones, loss.segments = M, to their M steps along the segments);
     diffusion models (or method='ode') integrate the PF-ODE with sample.ode_steps
     steps of `solver` (default sample.ode_solver)."""
     c = self.config
@@ -201,7 +210,8 @@ class Experiment:
     else:
       params = state_or_params
     method = method or ('consistency' if self.is_consistency_model else 'ode')
-    steps = steps or (2 if method == 'consistency' else c.sample.ode_steps)
+    default = c.loss.get('segments', 1) if c.loss.get('segments', 1) > 1 else 2
+    steps = steps or (default if method == 'consistency' else c.sample.ode_steps)
     key = jax.random.PRNGKey(c.sample.seed) if key is None else key
     if self.num_classes and labels is None:
       labels = np.arange(num) % self.num_classes

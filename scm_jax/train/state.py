@@ -26,6 +26,11 @@ class TrainState:
   rng: jax.Array               # base key (raw uint32[2]); step keys are fold_in(rng, step)
   nonfinite_total: jax.Array   # steps skipped for non-finite loss/grads
   nonfinite_streak: jax.Array  # ... in a row, ending at the current step
+  # loss.kind='scd_vsd' only (None otherwise, so other runs' checkpoints keep their
+  # layout): the auxiliary diffusion model F_phi of the student's samples (no EMA) and
+  # its optimizer state; checkpointed and sharded like params / opt_state.
+  aux_params: Any = None
+  aux_opt_state: Any = None
 
 
 # ----------------------------------------------------------------- optimizer
@@ -140,18 +145,33 @@ def init_params(model, data_shape, key):
   return variables['params']
 
 
+def has_aux_model(c: ml_collections.ConfigDict) -> bool:
+  """Whether the run keeps the auxiliary model F_phi (sCD + VSD, core/vsd.py)."""
+  return c.loss.kind == 'scd_vsd'
+
+
 def create_train_state(c: ml_collections.ConfigDict, model, data_shape, key,
-                       tx=None, params=None) -> TrainState:
-  """Fresh TrainState. `params` may be given (e.g. a student initialised from a teacher)."""
+                       tx=None, params=None, aux_params=None) -> TrainState:
+  """Fresh TrainState. `params` may be given (e.g. a student initialised from a teacher);
+  so may `aux_params` (F_phi, scd_vsd only: the teacher's weights; default a copy of
+  params). F_phi has its own optimizer state, of the same optimizer (Table 5: its lr is
+  the student's)."""
   k_init, k_rng = jax.random.split(key)
   if params is None:
     params = init_params(model, data_shape, k_init)
   tx = tx or make_optimizer(c)
   ema = {name: jax.tree.map(jnp.copy, params) for name in ema_names(c)}
+  aux_opt_state = None
+  if has_aux_model(c):
+    aux_params = jax.tree.map(jnp.copy, params if aux_params is None else aux_params)
+    aux_opt_state = tx.init(aux_params)
+  else:
+    aux_params = None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=ema,
                     opt_state=tx.init(params), rng=k_rng,
                     nonfinite_total=jnp.zeros((), jnp.int32),
-                    nonfinite_streak=jnp.zeros((), jnp.int32))
+                    nonfinite_streak=jnp.zeros((), jnp.int32),
+                    aux_params=aux_params, aux_opt_state=aux_opt_state)
 
 
 def pick_params(state: TrainState, which: str = '', config=None):

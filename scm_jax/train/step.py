@@ -20,6 +20,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from scm_jax.core import losses
+from scm_jax.core import vsd as vsd_lib
 from scm_jax.errors import ConfigError
 from scm_jax.infra import sharding as sharding_lib
 from scm_jax.models import layers
@@ -160,11 +161,13 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
   apply_fn = model_apply_fn(model)
   num_classes = getattr(model, 'num_classes', 0)
   k = int(c.train.get('microbatches', 1))
+  aux_model = state_lib.has_aux_model(c)
 
   def train_step(state: state_lib.TrainState, batch: dict, teacher=None):
-    loss_fn = losses.make_loss_fn(c.loss, apply_fn, c.trigflow.sigma_d,
-                                  dxdt_fn if teacher is None else teacher)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    dxdt = dxdt_fn if teacher is None else teacher
+    if not aux_model:
+      loss_fn = losses.make_loss_fn(c.loss, apply_fn, c.trigflow.sigma_d, dxdt)
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     size = batch['x'].shape[0]
     microbatch_size(size, batch_shards(), k)
     keys = losses.example_keys(jax.random.fold_in(state.rng, state.step), size)
@@ -173,12 +176,18 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
     batch = dict(batch)
     if 'label' in batch:
       batch['label'] = drop_labels(k_label, batch['label'], num_classes, c.loss.label_dropout)
-    if k == 1:
+    aux = None
+    if aux_model:
+      (loss, metrics), grads, aux = vsd_step(c, model, apply_fn, dxdt, state, batch, k_loss)
+    elif k == 1:
       (loss, metrics), grads = grad_fn(state.params, batch, k_loss, state.step)
     else:
       (loss, metrics), grads = accumulate_gradients(grad_fn, state.params, batch, k_loss,
                                                     state.step, k)
     finite = jnp.isfinite(loss) & all_finite(grads)
+    if aux is not None:
+      aux_grads, aux_metrics = aux
+      finite = finite & all_finite(aux_grads) & jnp.isfinite(aux_metrics['aux_loss'])
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -191,12 +200,37 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
         opt_state=keep(opt_state, state.opt_state),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
+    if aux is not None:  # one F_phi update per student update
+      aux_updates, aux_opt = tx.update(aux_grads, state.aux_opt_state, state.aux_params)
+      new_state = new_state.replace(
+          aux_params=keep(optax.apply_updates(state.aux_params, aux_updates),
+                          state.aux_params),
+          aux_opt_state=keep(aux_opt, state.aux_opt_state))
+      metrics = dict(metrics, **aux_metrics, aux_grad_norm=optax.global_norm(aux_grads))
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                    param_norm=optax.global_norm(state.params),
                    skipped=(~finite).astype(jnp.float32))
     return new_state, metrics
 
   return train_step
+
+
+def vsd_step(c, model, apply_fn, dxdt_fn, state, batch, keys):
+  """sCD + VSD (core/vsd.py): ((loss, metrics), student grads, (F_phi grads, metrics)).
+
+  The student's gradient uses the current F_phi (stop-gradient); F_phi's diffusion loss
+  is on the 1-step samples of the current student, so both updates come from the same
+  step's draws.
+  """
+  student_fn, aux_fn = vsd_lib.make_scd_vsd_loss_fns(
+      c.loss, apply_fn, model_apply_fn(model, train=False), c.trigflow.sigma_d, dxdt_fn)
+  k_student, k_aux = losses.split_keys(keys)
+  (loss, (metrics, x_hat)), grads = jax.value_and_grad(student_fn, has_aux=True)(
+      state.params, state.aux_params, batch, k_student, state.step)
+  (aux_loss, aux_m), aux_grads = jax.value_and_grad(aux_fn, has_aux=True)(
+      state.aux_params, x_hat, batch.get('label'), k_aux)
+  aux_metrics = {'aux_loss': aux_loss, 'aux_mse': aux_m['mse']}
+  return (loss, metrics), grads, (aux_grads, aux_metrics)
 
 
 def jit_train_step(train_step: Callable, state_shardings, mesh,

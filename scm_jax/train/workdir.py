@@ -28,7 +28,7 @@ METRICS_FILE = 'metrics.jsonl'
 
 # Config fields a run must resume with: what the parameters and the data stream mean.
 # Other fields (length, learning rate, logging, mesh, ...) may change, with a warning.
-RESUME_FIXED = ('seed', 'data', 'model', 'trigflow', 'loss.kind')
+RESUME_FIXED = ('seed', 'data', 'model', 'trigflow', 'loss.kind', 'loss.segments')
 # ... except these, which change where or how the same data is read, or how the same
 # function of the same parameters is computed (kernels, block sizes, remat, precision).
 RESUME_FREE = ('data.prefetch', 'data.data_dir', 'data.download', 'data.eval_split',
@@ -158,6 +158,27 @@ def shape_mismatches(saved: dict, expected: dict, limit: int = 20) -> list[str]:
   return out
 
 
+_AUX = ('aux_params/', 'aux_opt_state/')  # TrainState fields of loss.kind='scd_vsd'
+
+
+def _without_aux(shapes: dict) -> dict:
+  """Shapes without F_phi's fields when only one side has them (reported in one line)."""
+  return {k: v for k, v in shapes.items() if not k.startswith(_AUX)}
+
+
+def _aux_model_mismatch(saved: dict, expected: dict) -> list[str]:
+  """One line when exactly one of checkpoint and run keeps the auxiliary model F_phi
+  (sCD + VSD); when both do, its shapes are compared like the parameters'."""
+  has = lambda d: any(k.startswith(_AUX[0]) for k in d)
+  if has(saved) == has(expected):
+    return shape_mismatches({k: v for k, v in saved.items() if k.startswith(_AUX)},
+                            {k: v for k, v in expected.items() if k.startswith(_AUX)})
+  where = ('in the checkpoint, not in this run' if has(saved) else
+           'needed by this run, not in the checkpoint')
+  return [f"  auxiliary model F_phi of loss.kind='scd_vsd' (aux_params, aux_opt_state): "
+          f'{where}']
+
+
 def compatibility(workdir: str, abstract_state, *, data_shape=None,
                   config: Optional[ml_collections.ConfigDict] = None,
                   strict_config: bool = True, process_count: Optional[int] = None,
@@ -178,7 +199,8 @@ def compatibility(workdir: str, abstract_state, *, data_shape=None,
     saved_data = tuple(meta.get('data_shape', ()))
     if data_shape is not None and saved_data and saved_data != tuple(data_shape):
       problems.append(f'  data shape: checkpoint {saved_data} vs now {tuple(data_shape)}')
-    problems += shape_mismatches(saved_shapes, expected)
+    problems += _aux_model_mismatch(saved_shapes, expected)
+    problems += shape_mismatches(*(_without_aux(d) for d in (saved_shapes, expected)))
     saved_processes = meta.get('process_count')
     if process_count is not None and saved_processes not in (None, process_count):
       problems.append(f'  processes: checkpoint {saved_processes} vs now {process_count} '
