@@ -150,15 +150,18 @@ def consistency_loss(params, batch, key, step, *, apply_fn: ApplyFn, sigma_d: fl
   differ only by the stop-gradient on the parameters.
   """
   x0, labels = batch['x'], batch.get('label')
+  # Guidance-conditioned sCD student (App. G.2): its per-example input s (drawn in the
+  # train step) is also the scale of the guided teacher.
+  cond = {'guidance': batch['guidance']} if 'guidance' in batch else {}
   k_noise, k_drop = jax.random.split(key)
   t, z, x_t = _noisy_sample(k_noise, x0, p_mean, p_std, sigma_d)
   if dxdt_fn is None:
     dxt_dt = trigflow.velocity_target(x0, z, t)
   else:
-    dxt_dt = jax.lax.stop_gradient(dxdt_fn(x_t, t, labels))
+    dxt_dt = jax.lax.stop_gradient(dxdt_fn(x_t, t, labels, **cond))
 
   params_sg = jax.lax.stop_gradient(params)
-  f = lambda x_in, t_in: apply_fn(params_sg, x_in, t_in, labels, k_drop)[0]
+  f = lambda x_in, t_in: apply_fn(params_sg, x_in, t_in, labels, k_drop, **cond)[0]
   F_minus, dF_dt_term = jvp_F_minus(f, x_t, t, dxt_dt, sigma_d,
                                     time_derivative=time_derivative, fd_eps=fd_eps)
   r = tangent_warmup(step, tangent_warmup_steps)
@@ -168,7 +171,7 @@ def consistency_loss(params, batch, key, step, *, apply_fn: ApplyFn, sigma_d: fl
     g = normalize_tangent(g, tangent_norm_c)
   target = jax.lax.stop_gradient(F_minus + g)
 
-  F, w = apply_fn(params, x_t / sigma_d, t, labels, k_drop)
+  F, w = apply_fn(params, x_t / sigma_d, t, labels, k_drop, **cond)
   mse = per_sample_mean(jnp.square(F.astype(jnp.float32) - target))
   loss_i = adaptive_weighting(mse, w, adaptive_weight)
   metrics = _common_metrics(loss_i, mse, w, t, adaptive_weight, num_buckets)

@@ -13,16 +13,21 @@ from scm_jax.train import state as state_lib
 
 
 def model_apply_fn(model, train: bool = True):
-  """apply_fn(params, x_scaled, t, labels, dropout_key) -> (F, w) for the losses.
+  """apply_fn(params, x_scaled, t, labels, dropout_key[, guidance]) -> (F, w) for the losses.
 
   Unconditional models ignore labels, so they get None and keep no label path.
   """
   conditional = getattr(model, 'num_classes', 0) > 0
 
-  def apply_fn(params, x, t, labels, key):
-    return model.apply({'params': params}, x, t, labels if conditional else None,
+  def apply_fn(params, x, t, labels, key, guidance=None):
+    return model.apply({'params': params}, x, t, labels if conditional else None, guidance,
                        train=train, rngs={'dropout': key})
   return apply_fn
+
+
+def draw_guidance(key, batch: int, guidance_max: float):
+  """The guidance-conditioned student's input s ~ U[1, s_max], one per example (App. G.2)."""
+  return jax.random.uniform(key, (batch,), jnp.float32, 1.0, guidance_max)
 
 
 def drop_labels(key, labels, num_classes: int, p: float):
@@ -53,6 +58,7 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
   """
   apply_fn = model_apply_fn(model)
   num_classes = getattr(model, 'num_classes', 0)
+  guidance_max = float(c.teacher.get('guidance_max', 1.0)) if 'teacher' in c else 1.0
 
   def train_step(state: state_lib.TrainState, batch: dict, teacher=None):
     loss_fn = losses.make_loss_fn(c.loss, apply_fn, c.trigflow.sigma_d,
@@ -62,6 +68,9 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
     batch = dict(batch)
     if 'label' in batch:
       batch['label'] = drop_labels(k_label, batch['label'], num_classes, c.loss.label_dropout)
+    if guidance_max > 1:
+      batch['guidance'] = draw_guidance(jax.random.fold_in(k_label, 1), batch['x'].shape[0],
+                                        guidance_max)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, k_loss, state.step)
     finite = jnp.isfinite(loss) & all_finite(grads)

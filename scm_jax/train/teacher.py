@@ -4,17 +4,20 @@
         --config.teacher.workdir=runs/teacher
 
 `resolve` reads the teacher's saved config, checks it against the student (before any
-checkpoint is read), restores the teacher's chosen weights (`teacher.ema`) read-only,
-applies classifier-free guidance (`teacher.guidance`) and returns what training takes
-from it: the sCD drift dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t), and the weights the
-student starts from when `teacher.init_student` is set (the paper initializes the
-student from the teacher). Teachers in other parameterizations (EDM, VP, flow matching)
-go through `scm_jax.core.teachers` and the `dxdt_fn` argument of Experiment.
+checkpoint is read), restores the teacher's chosen weights (`teacher.ema`) read-only and
+returns what training takes from it: for sCD the drift dx_t/dt = sigma_d F_teacher(x_t /
+sigma_d, t) (classifier-free guided by `teacher.guidance`, or by the student's own
+per-example input s ~ U[1, teacher.guidance_max]); for sCT and sCD the weights the
+student starts from when `teacher.init_student` is set (Algorithm 1 initializes every
+consistency model from the teacher's EMA; sCT uses nothing else of it). Teachers in
+other parameterizations (EDM, VP, flow matching) go through `scm_jax.core.teachers` and
+the `dxdt_fn` argument of Experiment.
 """
 
 import dataclasses
 from typing import Any, Optional
 
+import flax
 import jax
 import ml_collections
 
@@ -72,13 +75,57 @@ def _check_same(name: str, student, teacher, fix: str) -> None:
                       f'{fix}')
 
 
+def merge_params(fresh, given):
+  """`given` parameters where they exist, `fresh` ones elsewhere (same nesting)."""
+  flat_given = flax.traverse_util.flatten_dict(given)
+  flat = {k: flat_given.get(k, v) for k, v in flax.traverse_util.flatten_dict(fresh).items()}
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def restrict(tree, like):
+  """The entries of `tree` at the paths `like` has (e.g. shardings for a teacher's params)."""
+  flat = flax.traverse_util.flatten_dict(tree)
+  return flax.traverse_util.unflatten_dict(
+      {k: flat[k] for k in flax.traverse_util.flatten_dict(like)})
+
+
+def _is_guidance_embedding(path: str) -> bool:
+  return any(part.startswith('guidance') for part in path.split('/'))
+
+
+def _check_init_shapes(teacher_params, student_params, guidance_student: bool) -> None:
+  """The student must have the teacher's shapes (a guidance-conditioned student may also
+  have its guidance embedding, which the teacher lacks)."""
+  teacher, student = ckpt_lib.flat_shapes(teacher_params), ckpt_lib.flat_shapes(student_params)
+  if guidance_student:
+    student = {k: v for k, v in student.items()
+               if k in teacher or not _is_guidance_embedding(k)}
+  diffs = workdir_lib.shape_mismatches(teacher, student)
+  if diffs:
+    raise ConfigError(
+        "config.teacher.init_student=True copies the teacher's weights into the student, "
+        'but the architectures differ (teacher vs student):\n' + '\n'.join(diffs) +
+        "\nGive the student the teacher's config.model (the same --config.model.* "
+        'overrides) or set --config.teacher.init_student=False.')
+
+
 def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Teacher:
   """The Teacher of `config` for a student of `data_shape` whose parameters have the
   shapes of `student_params` (abstract is enough).
 
-  Only loss.kind='scd' has one. A ConfigError says what is missing or mismatched.
+  sCD needs one (its drift, and its weights with init_student); sCT uses one only for
+  its initial weights (teacher.workdir set and init_student). A ConfigError says what
+  is missing or mismatched.
   """
   c = config
+  init = bool(c.teacher.init_student)
+  if c.loss.kind == 'sct' and c.teacher.workdir and init:
+    tc = teacher_config(c.teacher.workdir)
+    _check_same('trigflow.sigma_d', c.trigflow.sigma_d, tc.trigflow.sigma_d,
+                "set --config.trigflow.sigma_d to the teacher's value.")
+    _, _, params = load_teacher(c.teacher.workdir, data_shape, c.teacher.ema, c.teacher.step)
+    _check_init_shapes(params, student_params, False)
+    return Teacher(None, params)
   if c.loss.kind != 'scd':
     return Teacher()
   if not c.teacher.workdir:
@@ -89,9 +136,11 @@ def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Te
   _check_same('trigflow.sigma_d', c.trigflow.sigma_d, tc.trigflow.sigma_d,
               "set --config.trigflow.sigma_d to the teacher's value.")
   teacher_classes = int(tc.model.get('num_classes', 0))
-  if c.teacher.guidance != 1.0 and not teacher_classes:
-    raise ConfigError(f'config.teacher.guidance={c.teacher.guidance} needs a '
-                      'class-conditional teacher; this one is unconditional (use 1.0).')
+  guidance_max = float(c.teacher.get('guidance_max', 1.0))
+  if (c.teacher.guidance != 1.0 or guidance_max > 1) and not teacher_classes:
+    raise ConfigError(f'config.teacher.guidance={c.teacher.guidance} / guidance_max='
+                      f'{guidance_max} need a class-conditional teacher; this one is '
+                      'unconditional (use 1.0).')
   _check_same('model.num_classes', int(c.model.get('num_classes', 0)), teacher_classes,
               'a conditional teacher needs a conditional student with the same classes.')
 
@@ -99,14 +148,7 @@ def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Te
                                   c.teacher.step)
   F_apply = teachers.from_flax_model(model, c.teacher.guidance)
   dxdt_fn = teachers.make_dxdt_fn(F_apply, params, c.trigflow.sigma_d)
-  if not c.teacher.init_student:
+  if not init:
     return Teacher(dxdt_fn)
-  diffs = workdir_lib.shape_mismatches(ckpt_lib.flat_shapes(params),
-                                       ckpt_lib.flat_shapes(student_params))
-  if diffs:
-    raise ConfigError(
-        "config.teacher.init_student=True copies the teacher's weights into the student, "
-        'but the architectures differ (teacher vs student):\n' + '\n'.join(diffs) +
-        "\nGive the student the teacher's config.model (the same --config.model.* "
-        'overrides) or set --config.teacher.init_student=False.')
+  _check_init_shapes(params, student_params, guidance_max > 1)
   return Teacher(dxdt_fn, params)
