@@ -165,3 +165,29 @@ def test_fsdp_step_equals_single_device():
       assert any('fsdp' in s for s in specs), specs
       helpers.assert_same_steps(e8, e1, 2)
   ''', devices=8)
+
+
+@pytest.mark.parametrize('name', ['edm2', 'unet'])
+def test_guidance_input_is_embedded_like_t_and_starts_at_zero(name):
+  """model.guidance_embed: s is an input (None = 1) whose embedding starts at zero (the
+  student starts as its teacher) and, once trained, changes F; without the field a
+  guidance input is refused."""
+  from scm_jax.errors import ConfigError
+  from tests.test_models import _tiny_unet
+  if name == 'edm2':
+    make = lambda **kw: build_model(dict(TINY, channel_mult=(1, 2), num_blocks=1,
+                                         attn_resolutions=(4,), **kw))
+  else:
+    make = lambda **kw: _tiny_unet(num_classes=10, **kw)
+  model = make(guidance_embed=True)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+  t, labels = jnp.array([0.5, 1.2]), jnp.array([3, 10])
+  params = model.init(jax.random.key(0), x, t, labels, jnp.ones(2))['params']
+  F = lambda p, s: model.apply({'params': p}, x, t, labels, s)[0]
+  np.testing.assert_array_equal(F(params, jnp.array([1.0, 2.0])), F(params, None))
+  live = _perturb(params)
+  assert float(jnp.abs(F(live, jnp.array([1.0, 2.0])) - F(live, None)).max()) > 1e-3
+  np.testing.assert_allclose(F(live, 1.0), F(live, None), atol=1e-6)
+  plain = make()
+  with pytest.raises(ConfigError, match='guidance_embed'):
+    plain.init(jax.random.key(0), x, t, labels, jnp.ones(2))
