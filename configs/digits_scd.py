@@ -9,15 +9,17 @@ Stage 'teacher': TrigFlow diffusion with a label embedding (10 classes + the nul
 and 10% label dropout, so classifier-free guidance is available. Stage 'student' (the
 default): sCD from the teacher's EMA, starting from the teacher's weights (the paper's
 initialization), same architecture. --config.teacher.guidance=W distills the guided
-teacher velocity. The U-Net is the digits default (24 channels, batch 64).
+teacher velocity; stage 'guided' trains a guidance-conditioned student instead (input s,
+s ~ U[1, 2]; `scm_jax.sample --guidance=s` then costs one evaluation per step). The U-Net
+is the digits default (24 channels, batch 64).
 """
 
 from configs import digits_sct
 
 
 def get_config(stage: str = 'student'):
-  if stage not in ('teacher', 'student'):
-    raise ValueError(f'unknown stage {stage!r}; use configs/digits_scd.py[:teacher]')
+  if stage not in ('teacher', 'student', 'guided'):
+    raise ValueError(f'unknown stage {stage!r}; use configs/digits_scd.py[:teacher|:guided]')
   c = digits_sct.get_config()  # the digits U-Net, data and logging
   c.model.channels = 24
   c.model.num_classes = 10
@@ -44,4 +46,7 @@ def get_config(stage: str = 'student'):
   c.teacher.ema = 'pema_0.05'
   c.teacher.guidance = 1.0
   c.teacher.init_student = True
+  if stage == 'guided':  # a guidance-conditioned student: input s ~ U[1, 2] (App. G.2)
+    c.model.guidance_embed = True
+    c.teacher.guidance_max = 2.0
   return c
