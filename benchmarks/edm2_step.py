@@ -43,6 +43,8 @@ def main():
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--warmup', type=int, default=1)
   p.add_argument('--dtype', default='float32')
+  p.add_argument('--only', default='', help="one model ('edm2_s' or 'unet_s') per process: "
+                 'half the memory (two ~300M-parameter Adam states do not fit a small host)')
   p.add_argument('--out', default=None)
   args = p.parse_args()
   rng = np.random.RandomState(0)
@@ -52,6 +54,8 @@ def main():
       rng.randint(0, 1000, n), num_classes=1000, name='synthetic_latents')
   calls, stats, params = {}, {}, {}
   for name, arg in (('edm2_s', 's'), ('unet_s', 'unet_s')):
+    if args.only and name != args.only:
+      continue
     exp = _experiment(arg, args, source)
     params[name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state.params))
     state = exp.init_state()
@@ -63,15 +67,17 @@ def main():
            'gflops': (stats[k]['flops'] or 0) / 1e9 or None,
            'peak_mb': stats[k]['peak_bytes'] / 2**20 if stats[k]['peak_bytes'] else None,
            **timings[k], **stats[k]} for k in calls]
-  ratio = rows[0]['median_s'] / rows[1]['median_s']
+  ratio = rows[0]['median_s'] / rows[1]['median_s'] if len(rows) == 2 else None
   info = common.device_info()
   print(f'\n{info["device_kind"]} x{info["device_count"]}, sCT step, batch {args.batch} of '
         f'{args.resolution}x{args.resolution}x4, {args.dtype}, median of {args.repeats}')
   common.print_table(rows, [('name', 'model', 's'), ('params_M', 'params (M)', '.1f'),
                             ('ms', 'median ms', '.1f'), ('gflops', 'GFLOP/step', '.4g'),
                             ('peak_mb', 'peak MB', '.0f')])
-  print(f'edm2_s / unet_s step time: {ratio:.3f}')
-  common.write_json(args.out or common.default_out('edm2_step'),
+  if ratio:
+    print(f'edm2_s / unet_s step time: {ratio:.3f}')
+  suffix = f'_{args.only}' if args.only else ''
+  common.write_json(args.out or common.default_out('edm2_step' + suffix),
                     {'args': vars(args), 'rows': rows, 'edm2_over_unet_time': ratio})
 
 
