@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import imagenet512_scd
+from configs import imagenet512_sct
 from scm_jax import data as data_lib
 from scm_jax.infra import sharding
 from scm_jax.train.experiment import Experiment
@@ -42,7 +42,7 @@ PEAK_TFLOPS = {'H100': {'bfloat16': 989, 'float32': 495},
 
 
 def _config(size, args, impl, remat):
-  c = imagenet512_scd.get_config(f'dit_{size.lower()}')
+  c = imagenet512_sct.get_config(f'dit_{size.lower()}')
   c.model.dtype = args.dtype
   c.model.attn_impl = impl
   c.model.remat = remat

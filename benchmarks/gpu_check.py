@@ -1,6 +1,6 @@
 """One GPU check: the 1.5B sCD step, 2-step sampling and the attention kernels, in <= 8 min.
 
-    python -m benchmarks.gpu_check [--config=configs/imagenet512_scd_xxl.py[:size]]
+    python -m benchmarks.gpu_check [--config=configs/imagenet512_scd.py[:xxl|:dit_xxl]]
         [--out=FILE.json] [--budget_s=470] [--attn_impl=pallas] [--batch=0]
     python -m benchmarks.gpu_check --smoke     # CPU, tiny sizes (tests/test_gpu_check.py)
 
@@ -39,7 +39,7 @@ from ml_collections import config_flags
 from benchmarks import common
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'imagenet512_scd_xxl.py'),
+    'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'imagenet512_scd.py:dit_xxl'),
     'Recipe of the model checked (EDM2-XXL or DiT-XXL).', lock_config=False)
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny sizes (CPU, seconds): tests the plumbing.')
 _OUT = flags.DEFINE_string('out', None, 'JSON path (the Markdown table goes next to it).')

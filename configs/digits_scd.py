@@ -11,9 +11,11 @@ Stage 'teacher': TrigFlow diffusion with a label embedding (10 classes + the nul
 and 10% label dropout, so classifier-free guidance is available. Stage 'student' (the
 default): sCD from the teacher's EMA, starting from the teacher's weights (the paper's
 initialization), same architecture. --config.teacher.guidance=W distills the guided
-teacher velocity. The U-Net is the digits default (24 channels, batch 64). Stage 'vsd':
-sCD + adaptive VSD (Appendix C) for a few hundred steps after sCD, from the sCD run's
-weights (teacher.student_workdir), F_phi from the teacher.
+teacher velocity; stage 'guided' trains a guidance-conditioned student instead (input s,
+s ~ U[1, 2]; `scm_jax.sample --guidance=s` then costs one evaluation per step). The U-Net
+is the digits default (24 channels, batch 64). Stage 'vsd': sCD + adaptive VSD
+(Appendix C) for a few hundred steps after sCD, from the sCD run's weights
+(teacher.student_workdir), F_phi from the teacher.
 """
 
 from configs import digits_sct
@@ -21,8 +23,8 @@ from configs import toy2d_scd
 
 
 def get_config(stage: str = 'student'):
-  if stage not in ('teacher', 'student', 'vsd'):
-    raise ValueError(f'unknown stage {stage!r}; use configs/digits_scd.py[:teacher|vsd]')
+  if stage not in ('teacher', 'student', 'guided', 'vsd'):
+    raise ValueError(f'unknown stage {stage!r}; use configs/digits_scd.py[:teacher|:guided|:vsd]')
   c = digits_sct.get_config()  # the digits U-Net, data and logging
   c.model.channels = 24
   c.model.num_classes = 10
@@ -49,6 +51,9 @@ def get_config(stage: str = 'student'):
   c.teacher.ema = 'pema_0.05'
   c.teacher.guidance = 1.0
   c.teacher.init_student = True
+  if stage == 'guided':  # a guidance-conditioned student: input s ~ U[1, 2] (App. G.2)
+    c.model.guidance_embed = True
+    c.teacher.guidance_max = 2.0
   if stage == 'vsd':
     toy2d_scd.set_vsd_stage(c, num_steps=400)
   return c

@@ -2,12 +2,21 @@
 
 A small U-Net (8x8 -> 4x4 with attention at 4x4) with the sCM changes: positional
 time embedding of c_noise(t) = t, adaptive double normalization, adaptive weighting.
+
+    configs/digits_sct.py                sCT from scratch
+    configs/digits_sct.py:teacher        the TrigFlow diffusion teacher (same U-Net)
+    configs/digits_sct.py:from_teacher   sCT from the teacher's EMA (Algorithm 1); pass
+                                         --config.teacher.workdir=<the teacher's workdir>
 """
 
 from scm_jax.config import base_config
 
+STAGES = ('', 'teacher', 'from_teacher')
 
-def get_config():
+
+def get_config(stage: str = ''):
+  if stage not in STAGES:
+    raise ValueError(f'unknown stage {stage!r}; use configs/digits_sct.py[:teacher|:from_teacher]')
   c = base_config('unet')
   c.data.name = 'digits'
   c.model.channels = 24
@@ -34,4 +43,15 @@ def get_config():
   c.train.sample_every = 1000
   c.train.ckpt_every = 500
   c.sample.num = 100
+  if stage == 'teacher':
+    c.loss.kind = 'diffusion'
+    c.sample.ode_steps = 18
+  elif stage == 'from_teacher':
+    # Fine-tuning the teacher's EMA: 10x lower rate (the paper: x0.01 of the teacher's
+    # ImageNet rate), no rate warmup, a shorter tangent warmup.
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 0
+    c.loss.tangent_warmup_steps = 500
+    c.teacher.ema = 'pema_0.05'
+    c.teacher.init_student = True
   return c

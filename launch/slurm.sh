@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node training on a SLURM cluster of A100/H100 nodes.
 #
-#   sbatch --nodes=4 launch/slurm.sh --config=configs/imagenet512_scd_xxl.py \
+#   sbatch --nodes=4 launch/slurm.sh --config=configs/imagenet512_scd.py:xxl \
 #       --workdir=/shared/runs/in512_xxl --config.data.path=/shared/data/in512_{split}.npy
 #
 # Two layouts, chosen by the task count:

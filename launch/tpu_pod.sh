@@ -3,7 +3,7 @@
 # jax.distributed.initialize() finds the other workers by itself (distributed.mode=tpu).
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh \
-#       --config=configs/imagenet512_scd_xxl.py --workdir=gs://my-bucket/runs/in512_xxl
+#       --config=configs/imagenet512_scd.py:xxl --workdir=gs://my-bucket/runs/in512_xxl
 #
 # Env: TPU_NAME, ZONE (required), PROJECT (optional), REMOTE_REPO (the checkout on the
 # workers, default ~/scm-jax), PYTHON (default python3). Every worker needs the repo and

@@ -63,10 +63,10 @@ def int_list_flag(name: str, minimum: int = 0) -> None:
                            f'>= {minimum}, e.g. --{name}={minimum},{minimum + 1}')
 
 
-def check_conditioning(num_classes: int, guidance: float = 1.0, labels=None) -> None:
+def check_conditioning(num_classes: int, guidance=None, labels=None) -> None:
   """ConfigError unless --guidance / --labels fit the model: both need a class-
   conditional model, and labels must be among its classes."""
-  if not num_classes and guidance != 1.0:
+  if not num_classes and guidance not in (None, 1.0):
     raise ConfigError(f'--guidance={guidance:g} needs a class-conditional model; this one is '
                       'unconditional (num_classes=0): drop --guidance.')
   if labels:

@@ -76,6 +76,8 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.teacher.ema = ''                   # its weights: '' = first EMA, 'params' or an EMA name
   c.teacher.step = -1                  # its checkpoint step; -1 = newest
   c.teacher.guidance = 1.0             # classifier-free guidance scale of the teacher
+  c.teacher.guidance_max = 1.0         # > 1: guidance-conditioned student (model.guidance_embed),
+                                       # trained on the teacher guided by s ~ U[1, guidance_max]
   c.teacher.init_student = True        # student starts from the teacher's weights (paper)
   c.teacher.student_workdir = ''       # scd_vsd: the student starts from this sCD run ...
   c.teacher.student_ema = ''           # ... with these weights ('' = its first EMA)
@@ -99,6 +101,9 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.sample.num = 64
   c.sample.steps = (1, 2)              # consistency steps drawn during training
   c.sample.t_mid = 1.1
+  c.sample.sigma_max = 80.0            # sampling starts at t_max = arctan(sigma_max / sigma_d)
+  c.sample.guidance = (1.0,)           # CFG scale per sample.steps entry (one value: all;
+                                       # teachers: the ODE's); CLIs' --guidance overrides
   c.sample.ode_steps = 18              # PF-ODE steps for diffusion models
   c.sample.ode_solver = 'heun'
   c.sample.ode_schedule = 'edm'
@@ -182,6 +187,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   state_lib.check_ema_config(c.ema)
   if 'teacher' in c:  # absent from configs saved before sCD existed
     _check(c.teacher.guidance >= 0, 'config.teacher.guidance must be >= 0 (1 = no guidance).')
+    _check_guidance_student(c)
   _check(c.train.num_steps > 0, 'config.train.num_steps must be > 0.')
   _check(c.train.batch_size > 0, 'config.train.batch_size must be > 0.')
   microbatches = c.train.get('microbatches', 1)  # .get: runs saved before the field
@@ -201,10 +207,18 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check_choice('train.nonfinite_action', c.train.get('nonfinite_action', 'stop'),
                 nonfinite.ACTIONS)
   _check(c.train.get('max_rollbacks', 0) >= 0, 'config.train.max_rollbacks must be >= 0.')
+  sigma_max = c.sample.get('sigma_max', sampling.DEFAULT_SIGMA_MAX)
+  _check(sigma_max > 0, f'config.sample.sigma_max must be > 0, got {sigma_max}.')
+  t_start = sampling.t_max(c.trigflow.sigma_d, sigma_max)
   try:
-    sampling.consistency_times(2, c.sample.t_mid)
+    sampling.consistency_times(2, c.sample.t_mid, t_start=t_start)
   except ValueError:
-    raise ConfigError(f'config.sample.t_mid must be in (0, pi/2), got {c.sample.t_mid}.') from None
+    raise ConfigError(f'config.sample.t_mid must be in (0, {t_start:.4f}) (t_max = arctan('
+                      f'sample.sigma_max / sigma_d)), got {c.sample.t_mid}.') from None
+  guidance = tuple(c.sample.get('guidance', (1.0,)))
+  _check(len(guidance) in (1, len(c.sample.steps)) and min(guidance) >= 0,
+         f'config.sample.guidance={guidance} needs one scale >= 0, or one per entry of '
+         f'config.sample.steps={tuple(c.sample.steps)}.')
   _check(all(s >= 1 for s in c.sample.steps), 'config.sample.steps entries must be >= 1.')
   _check(c.sample.num >= 1, f'config.sample.num must be >= 1, got {c.sample.num}.')
   _check(c.sample.ode_steps >= 1, f'config.sample.ode_steps must be >= 1, got '
@@ -214,6 +228,19 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check_choice('sharding.strategy', c.sharding.strategy, sharding.STRATEGIES)
   sharding.check_mesh_config(c.mesh)
   models_lib.check_model_config(c.model)
+
+
+def _check_guidance_student(c: ml_collections.ConfigDict) -> None:
+  """teacher.guidance_max > 1 <=> a guidance-conditioned, class-conditional sCD student."""
+  s_max, embed = c.teacher.get('guidance_max', 1.0), c.model.get('guidance_embed', False)
+  _check(s_max >= 1, f'config.teacher.guidance_max must be >= 1, got {s_max}.')
+  if s_max > 1:
+    _check(c.loss.kind == 'scd' and embed and c.model.get('num_classes', 0) > 0,
+           f'config.teacher.guidance_max={s_max} trains a guidance-conditioned student: it '
+           "needs loss.kind='scd', model.guidance_embed=True and a class-conditional model.")
+  elif embed:
+    _check(False, 'config.model.guidance_embed=True needs config.teacher.guidance_max > 1 '
+           '(the paper: 2) so that the student learns its guidance input.')
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:

@@ -7,8 +7,8 @@ data (the config's data source, split --ref_split) or published statistics
 --ref_stats_dinov2, the same format). FID and FD_DINOv2 as the paper reports them:
 --metrics=fid,fd_dinov2 --inception_weights=... --dinov2_weights=... (one table).
 
---steps are consistency steps for sCT/sCD models and PF-ODE steps (--solver) for
-diffusion teachers. Results go to DIR/eval/metrics_<ckpt step>.json (entries of earlier
+--steps are consistency steps for sCT/sCD models and PF-ODE steps (--solver: euler,
+ddim, heun = EDM's Heun, dpmpp_2m) for diffusion teachers. Results go to DIR/eval/metrics_<ckpt step>.json (entries of earlier
 runs at that step are kept) and TensorBoard (DIR/eval/tb, tags <sampler>/<metric>).
 Metrics: see scm_jax/evaluation/evaluator.py (`auto`: by data shape; FID needs
 --inception_weights, see scm_jax/evaluation/convert_inception.py; FD_DINOv2 needs
@@ -40,8 +40,9 @@ _FEATURE_BATCH = flags.DEFINE_integer('feature_batch_size', 100, 'Feature-extrac
                                       lower_bound=1)
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.', lower_bound=0)
 _EMA = flags.DEFINE_string('ema', None, "EMA to use ('params' = raw weights).")
-_GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.',
-                                lower_bound=0.0)
+_GUIDANCE = flags.DEFINE_float('guidance', None, 'Guidance scale (default config.sample.guidance '
+                               'per sampler): a guidance-conditioned student\'s input, else CFG.',
+                               lower_bound=0.0)
 _CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).',
                                   lower_bound=0)
 _INCEPTION = flags.DEFINE_string('inception_weights', os.environ.get('SCM_JAX_INCEPTION_WEIGHTS', ''),
@@ -119,16 +120,20 @@ def main(argv):
   try:
     for sampler in samplers:
       t0 = time.time()
+      guidance = (exp.default_guidance(sampler.method, sampler.steps)
+                  if _GUIDANCE.value is None else _GUIDANCE.value)
       batches = generate.sample_batches(exp, params, _NUM.value, _BATCH.value, sampler,
-                                        _SEED.value, _GUIDANCE.value)
+                                        _SEED.value, guidance)
       total = -(-_NUM.value // _BATCH.value)  # sizes were checked by sample_batches
       values = evaluator.evaluate(tqdm(batches, total=total, desc=sampler.name,
                                        disable=jax.process_index() != 0, file=sys.stderr))
-      values.update(nfe=sampler.nfe, seconds=time.time() - t0)
-      # A non-default --ema or --guidance is part of the name: runs with different
+      # NFE: CFG on the outputs evaluates the network twice per step (Table 6's NFE 126).
+      values.update(nfe=sampler.nfe * exp.evaluations_per_step(guidance),
+                    seconds=time.time() - t0, guidance=guidance)
+      # A non-default --ema or guidance is part of the name: runs with different
       # weights or guidance sit side by side in the same metrics file.
       name = sampler.name + (f'@{_EMA.value}' if _EMA.value else '') + (
-          f'@w{_GUIDANCE.value:g}' if _GUIDANCE.value != 1.0 else '')
+          f'@w{guidance:g}' if guidance != 1.0 else '')
       results[name] = values
       writer.write_scalars(step, {f'{name}/{k}': v for k, v in values.items()})
   finally:

@@ -1,7 +1,7 @@
 """Memory planner: does a recipe fit, and with which microbatches and remat policy?
 
-    python -m scm_jax.plan --config=configs/imagenet512_scd_xxl.py --devices=8 --device_memory=80
-    python -m scm_jax.plan --config=configs/imagenet512_scd_xxl.py --devices=8,64 \\
+    python -m scm_jax.plan --config=configs/imagenet512_scd.py:dit_xxl --devices=8 --device_memory=80
+    python -m scm_jax.plan --config=configs/imagenet512_scd.py:dit_xxl --devices=8,64 \\
         --config.train.batch_size=2048 [--compile=yes] [--json=plan.json]
 
 Prints per-device GiB of params, optimizer, EMAs, teacher, gradients and activations

@@ -2,7 +2,9 @@
 
 Writes FILE.npz (key 'x', plus 'label' for conditional models) and FILE.png (an image
 grid, or a scatter plot for 2-D data). Consistency models use 1/2/.. -step consistency
-sampling; --ode=N integrates the PF-ODE with N steps instead (teachers).
+sampling; --ode=N integrates the PF-ODE with N steps of --solver instead (teachers:
+euler | ddim | heun (EDM's, NFE 2N - 1) | dpmpp_2m). Sampling starts at
+t_max = arctan(config.sample.sigma_max / sigma_d).
 """
 
 import os
@@ -27,8 +29,10 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.', lower_bound=0)
 _EMA = flags.DEFINE_string('ema', None, "EMA to use ('params' = raw weights).")
 _T_MID = flags.DEFINE_float('t_mid', None, '2-step intermediate time (default config).')
 _LABELS = flags.DEFINE_list('labels', None, 'Class labels (cycled over samples).')
-_GUIDANCE = flags.DEFINE_float('guidance', 1.0, 'Classifier-free guidance scale.',
-                                lower_bound=0.0)
+_GUIDANCE = flags.DEFINE_float('guidance', None, 'Guidance scale (default config.sample.guidance): '
+                               'the input s of a guidance-conditioned student (one network '
+                               'evaluation per step), else CFG on the outputs (two).',
+                               lower_bound=0.0)
 _CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default newest).',
                                   lower_bound=0)
 _VAE = flags.DEFINE_string('vae', None, 'Latent models: VAE weights to decode the samples '

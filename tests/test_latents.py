@@ -131,11 +131,11 @@ def test_latent_arrays_skip_the_pixel_range_check(tmp_path):
 
 
 CONFIG = '''
-from configs import imagenet512_scd
+from configs import imagenet512_sct
 from tests.test_latents import tiny_vae_config
 
 def get_config():
-  c = imagenet512_scd.get_config('dit_s')
+  c = imagenet512_sct.get_config('dit_s')
   c.model.update(dict(hidden_size=16, depth=1, num_heads=2, head_dim=0, freq_dim=16,
                       logvar_channels=16, num_classes=3, dtype='float32',
                       attn_block_size=16))

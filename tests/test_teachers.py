@@ -97,11 +97,18 @@ def test_guidance_mixes_conditional_and_null_outputs():
   labels = jnp.array([0, 1, 1, 0])
   F_c = _label_model(params, x, t, labels)
   F_u = _label_model(params, x, t, jnp.full((4,), 2))
-  assert teachers.guided(_label_model, 1.0, 2) is _label_model
+  calls = []
+  counting = lambda p, x, t, l: calls.append(len(x)) or _label_model(p, x, t, l)
+  np.testing.assert_array_equal(teachers.guided(counting, 1.0, 2)(params, x, t, labels), F_c)
+  assert calls == [4]  # w = 1 is the conditional model itself: one pass, no null batch
   for w in (0.0, 2.5):
     F_w = teachers.guided(_label_model, w, 2)(params, x, t, labels)
     np.testing.assert_allclose(F_w, F_u + w * (F_c - F_u), atol=1e-6)
   np.testing.assert_allclose(teachers.guided(_label_model, 0.0, 2)(params, x, t, labels), F_u)
+  # A per-example scale given at the call (the guidance-conditioned student's s) wins.
+  s = jnp.array([1.0, 1.5, 2.0, 3.0])
+  F_s = teachers.guided(_label_model, 1.0, 2)(params, x, t, labels, guidance=s)
+  np.testing.assert_allclose(F_s, F_u + s[:, None] * (F_c - F_u), atol=1e-6)
 
 
 def test_drift_carries_teacher_params_as_jit_arguments():

@@ -16,6 +16,7 @@ cos(t) sin(t) sigma_d dF/dt (Sec. 4, "continuous-time consistency objective"). W
 gradient is taken through it, F^- is its stop-gradient, so one forward serves all three.
 """
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -286,12 +287,17 @@ def consistency_loss(params, batch, key, step, *, apply_fn: ApplyFn, sigma_d: fl
   a backward difference over `discrete_dt` (discrete_time_term), not a jvp.
   """
   x0, labels = batch['x'], batch.get('label')
+  # Guidance-conditioned sCD student (App. G.2): its per-example input s (drawn in the
+  # train step) is also the scale of the guided teacher.
+  cond = {'guidance': batch['guidance']} if 'guidance' in batch else {}
+  if cond:
+    apply_fn = functools.partial(apply_fn, **cond)
   k_noise, k_drop = split_keys(example_keys(key, x0.shape[0]))
   t, z, x_t = _noisy_sample(k_noise, x0, p_mean, p_std, sigma_d)
   if dxdt_fn is None:
     dxt_dt = trigflow.velocity_target(x0, z, t)
   else:
-    dxt_dt = jax.lax.stop_gradient(dxdt_fn(x_t, t, labels))
+    dxt_dt = jax.lax.stop_gradient(dxdt_fn(x_t, t, labels, **cond))
   s = segments_lib.segment_start(t, segments)
   tau = t - s  # = t for M = 1
 

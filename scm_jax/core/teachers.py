@@ -52,12 +52,22 @@ def _F_from_x0_predictor(x0_fn, sigma_d, sigma_max):
 
 
 def from_flax_model(model, guidance: float = 1.0) -> FApply:
-  """A TrigFlow model of this project (MLP/U-Net/DiT): F = model(x_scaled, t, labels)[0].
+  """A TrigFlow model of this project (MLP/U-Net/DiT/EDM2): F = model(x_scaled, t, labels)[0].
 
   Evaluation mode (no dropout). Unconditional models get labels=None; conditional ones
-  get classifier-free guidance with scale `guidance` (1 = the conditional model itself).
+  get classifier-free guidance with scale `guidance` (1 = the conditional model itself),
+  or a per-example scale passed at each call (`F_apply(..., guidance=s)`, s [B]). A
+  guidance-conditioned student (`model.guidance_embed`) takes s as its input instead:
+  one evaluation, no CFG on its outputs.
   """
   num_classes = getattr(model, 'num_classes', 0)
+  if getattr(model, 'guidance_embed', False):
+    fixed = float(guidance)
+
+    def F_student(params, x_scaled, t, labels=None, guidance=None):
+      return model.apply({'params': params}, x_scaled, t, labels,
+                         fixed if guidance is None else guidance)[0]
+    return F_student
 
   def F_apply(params, x_scaled, t, labels=None):
     return model.apply({'params': params}, x_scaled, t,
@@ -145,32 +155,38 @@ def guided(F_apply: FApply, guidance: float, null_label: int) -> FApply:
 
   F is linear in the velocity, so this is the guided teacher velocity of sCD. One
   forward pass on the doubled batch evaluates both terms; w = 1 is the conditional
-  model itself (one pass). Labels equal to `null_label` give F_null.
+  model itself (one pass). Labels equal to `null_label` give F_null. A call may pass its
+  own scale, `guidance=w` (a scalar or one per example [B]: the guidance-conditioned
+  student's s ~ U[1, s_max], App. G.2), instead of the fixed `guidance`.
   """
-  guidance = float(guidance)
-  if guidance == 1.0:
-    return F_apply
+  fixed = float(guidance)
 
-  def F_guided(params, x_scaled, t, labels):
+  def F_guided(params, x_scaled, t, labels, guidance=None):
+    if guidance is None and fixed == 1.0:
+      return F_apply(params, x_scaled, t, labels)
     if labels is None:
       raise ValueError('classifier-free guidance needs labels')
+    w = fixed if guidance is None else guidance
     n = x_scaled.shape[0]
     null = jnp.full_like(labels, null_label)
     both = F_apply(params, jnp.concatenate([x_scaled, x_scaled]), jnp.concatenate([t, t]),
                    jnp.concatenate([labels, null]))
     F_c, F_u = both[:n], both[n:]
-    return F_u + guidance * (F_c - F_u)
+    w = trigflow.expand_t(jnp.broadcast_to(jnp.asarray(w, jnp.float32), (n,)), F_c)
+    return F_u + w * (F_c - F_u)
   return F_guided
 
 
 # ------------------------------------------------------------------- drift
 
-def _drift(F_apply, sigma_d, params, x_t, t, labels):
-  return trigflow.pf_ode_drift(F_apply(params, x_t / sigma_d, t, labels), sigma_d)
+def _drift(F_apply, sigma_d, params, x_t, t, labels, guidance=None):
+  kwargs = {} if guidance is None else {'guidance': guidance}
+  return trigflow.pf_ode_drift(F_apply(params, x_t / sigma_d, t, labels, **kwargs), sigma_d)
 
 
 def make_dxdt_fn(F_apply: FApply, params: Any, sigma_d: float) -> jax.tree_util.Partial:
-  """The sCD teacher drift dxdt(x_t, t, labels) = sigma_d F_teacher(x_t / sigma_d, t).
+  """The sCD teacher drift dxdt(x_t, t, labels[, guidance]) = sigma_d F_teacher(x_t /
+  sigma_d, t); `guidance` (per example) reaches F_apply for a `guided` teacher.
 
   Returned as a `Partial` over `params` (pass None or () for parameter-free teachers
   such as the analytic oracle): a pytree whose leaves are the teacher's weights.

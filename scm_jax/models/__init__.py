@@ -13,10 +13,11 @@ import ml_collections
 
 from scm_jax.errors import ConfigError
 from scm_jax.models.dit import DiT
+from scm_jax.models.edm2 import EDM2
 from scm_jax.models.mlp import MLP
 from scm_jax.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {'mlp': MLP, 'unet': UNet, 'dit': DiT}
+MODELS: dict[str, type[nn.Module]] = {'mlp': MLP, 'unet': UNet, 'dit': DiT, 'edm2': EDM2}
 
 
 def _model_class(name: str) -> type[nn.Module]:
@@ -74,5 +75,5 @@ def default_model_config(name: str) -> ml_collections.ConfigDict:
   return config
 
 
-__all__ = ['MODELS', 'DiT', 'MLP', 'UNet', 'build_model', 'check_model_config',
+__all__ = ['MODELS', 'DiT', 'EDM2', 'MLP', 'UNet', 'build_model', 'check_model_config',
            'default_model_config', 'model_fields']

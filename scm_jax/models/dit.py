@@ -162,10 +162,11 @@ class DiT(layers.SCMNetwork):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,
-               labels: Optional[jax.Array] = None, *,
+               labels: Optional[jax.Array] = None,
+               guidance: Optional[jax.Array] = None, *,
                train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns (F [B, H, W, C_out] float32, logvar [B] float32)."""
-    dtype, t, emb = self.embed(x, t, labels)
+    dtype, t, emb = self.embed(x, t, labels, guidance)
     _, height, width, channels = x.shape
     p, c = self.patch_size, self.hidden_size
 

@@ -11,7 +11,7 @@ Numerics policy: parameters are always float32; convs/denses run in the model's
 compute dtype; time embeddings, normalization statistics and softmax run in float32.
 """
 
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -121,13 +121,24 @@ class TimeEmbedding(nn.Module):
     return nn.Dense(self.dim, dtype=jnp.float32, name='dense1')(nn.silu(h))
 
 
+def guidance_scales(guidance: Optional[jax.Array], batch: int) -> jax.Array:
+  """The guidance input as float32 [B]: a scalar or [B] scale; None means 1 (no guidance)."""
+  g = 1.0 if guidance is None else guidance
+  return jnp.broadcast_to(jnp.asarray(g, jnp.float32), (batch,))
+
+
 class Conditioning(nn.Module):
-  """Conditioning vector = SiLU(time embedding + label embedding), float32 [B, dim].
+  """Conditioning vector = SiLU(time emb. + guidance emb. + label emb.), float32 [B, dim].
 
   Labels live in [0, num_classes]; index `num_classes` is the null class used for
   classifier-free guidance, and `labels=None` means all-null. With num_classes == 0
   the model is unconditional and labels are ignored. The SiLU is applied once here
   (as in ADM/EDM), so the per-block projections in AdaptiveNorm are plain Denses.
+
+  With `guidance_embed`, the guidance scale s of a guidance-conditioned sCD student
+  (Lu & Song 2024, App. G.2: F_theta(x, t, s)) is embedded like t (positional features
+  of scale * s and a linear layer) and added to the time embedding. The linear layer
+  starts at zero, so a student initialised from its teacher computes the teacher's F.
   """
   dim: int
   scale: float = 1.0
@@ -135,11 +146,18 @@ class Conditioning(nn.Module):
   fourier_scale: float = 16.0
   freq_dim: int = 0
   num_classes: int = 0
+  guidance_embed: bool = False
 
   @nn.compact
-  def __call__(self, t: jax.Array, labels: Optional[jax.Array]) -> jax.Array:
+  def __call__(self, t: jax.Array, labels: Optional[jax.Array],
+               guidance: Optional[jax.Array] = None) -> jax.Array:
     emb = TimeEmbedding(self.dim, self.scale, self.kind, self.fourier_scale,
                         self.freq_dim, name='time')(t)
+    if self.guidance_embed:
+      s = guidance_scales(guidance, t.shape[0])
+      feats = positional_embedding(self.scale * s, self.freq_dim or self.dim)
+      emb = emb + nn.Dense(self.dim, dtype=jnp.float32, kernel_init=nn.initializers.zeros,
+                           name='guidance')(feats)
     if self.num_classes > 0:
       if labels is None:
         labels = jnp.full(t.shape, self.num_classes, jnp.int32)
@@ -185,6 +203,7 @@ class SCMNetwork(nn.Module):
   dropout: float = 0.0
   num_classes: int = 0
   logvar_channels: int = 128
+  guidance_embed: bool = False
   dtype: str = 'float32'
 
   # 'vectors' ([B, D]) or 'images' ([B, H, W, C]): what the backbone takes.
@@ -208,11 +227,27 @@ class SCMNetwork(nn.Module):
   def check_input(self, x: jax.Array) -> None:
     """Backbone-specific checks of the input beyond its rank (e.g. divisibility)."""
 
-  def embed(self, x: jax.Array, t: jax.Array, labels: Optional[jax.Array]):
-    """The prologue: checks x, broadcasts t to [B] and embeds (t, labels).
+  def param_projection(self) -> Optional[Callable]:
+    """params -> params applied after every optimizer update (None: no constraint)."""
+    return None
 
-    Returns (compute dtype, t [B] float32, conditioning vector [B, dim] float32).
+  def conditioning(self) -> nn.Module:
+    """The module embedding (t [B], labels, guidance) into the conditioning vector."""
+    dim, freq_dim = self.conditioning_dims()
+    return Conditioning(dim, self.time_embed_scale, self.time_embed_kind, self.fourier_scale,
+                        freq_dim, self.num_classes, self.guidance_embed, name='cond')
+
+  def embed(self, x: jax.Array, t: jax.Array, labels: Optional[jax.Array],
+            guidance: Optional[jax.Array] = None):
+    """The prologue: checks x, broadcasts t to [B] and embeds (t, labels, guidance).
+
+    `guidance` (a scalar or [B]; None = 1) is the input s of a guidance-conditioned
+    student (`guidance_embed`); other models refuse it. Returns (compute dtype,
+    t [B] float32, conditioning vector [B, dim] float32).
     """
+    if guidance is not None and not self.guidance_embed:
+      raise ConfigError(f'model {type(self).__name__.lower()!r} has no guidance input; set '
+                        'model.guidance_embed=True to train a guidance-conditioned student.')
     rank, other = ((2, 'images [B, H, W, C]') if self.input_kind == 'vectors'
                    else (4, 'vectors [B, D]'))
     if x.ndim != rank:
@@ -222,9 +257,7 @@ class SCMNetwork(nn.Module):
           f"{x.shape}; use model.name={'unet' if rank == 2 else 'mlp'!r} for {other}.")
     self.check_input(x)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    dim, freq_dim = self.conditioning_dims()
-    emb = Conditioning(dim, self.time_embed_scale, self.time_embed_kind,
-                       self.fourier_scale, freq_dim, self.num_classes, name='cond')(t, labels)
+    emb = self.conditioning()(t, labels, guidance)
     return resolve_dtype(self.dtype), t, emb
 
   def logvar(self, t: jax.Array) -> jax.Array:

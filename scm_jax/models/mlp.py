@@ -68,10 +68,11 @@ class MLP(layers.SCMNetwork):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,
-               labels: Optional[jax.Array] = None, *,
+               labels: Optional[jax.Array] = None,
+               guidance: Optional[jax.Array] = None, *,
                train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns (F [B, D] float32, logvar [B] float32)."""
-    dtype, t, emb = self.embed(x, t, labels)
+    dtype, t, emb = self.embed(x, t, labels, guidance)
 
     h = nn.Dense(self.width, dtype=dtype, name='dense_in')(x)
     for i in range(self.depth):

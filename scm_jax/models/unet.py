@@ -170,10 +170,11 @@ class UNet(layers.SCMNetwork):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,
-               labels: Optional[jax.Array] = None, *,
+               labels: Optional[jax.Array] = None,
+               guidance: Optional[jax.Array] = None, *,
                train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns (F [B, H, W, C_out] float32, logvar [B] float32)."""
-    dtype, t, emb = self.embed(x, t, labels)
+    dtype, t, emb = self.embed(x, t, labels, guidance)
 
     res_cls = layers.maybe_remat(ResBlock, self.remat, static_argnums=(3,))
     attn_cls = layers.maybe_remat(AttnBlock, self.remat)

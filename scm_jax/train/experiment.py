@@ -78,6 +78,11 @@ class Experiment:
                         f'{name!r} has {self.source.num_classes} classes.')
 
   def _init(self, key, params=None, aux_params=None):
+    if params is not None and getattr(self.model, 'guidance_embed', False):
+      # A guidance-conditioned student from its teacher: only the guidance embedding is
+      # new (zero-initialized, so the student starts as the teacher).
+      params = teacher_lib.merge_params(
+          state_lib.init_params(self.model, self.data_shape, key), params)
     return state_lib.create_train_state(self.config, self.model, self.data_shape, key,
                                         self.tx, params, aux_params)
 
@@ -127,7 +132,7 @@ class Experiment:
     # passed as an argument, not baked into the program as constants.
     params, aux = self.teacher.init_params, self.teacher.aux_init
     if params is not None:
-      params = jax.device_put(params, self.state_shardings.params)
+      params = jax.device_put(params, teacher_lib.restrict(self.state_shardings.params, params))
     if aux is not None:  # scd_vsd: F_phi from the teacher
       aux = jax.device_put(aux, self.state_shardings.aux_params)
     init = jax.jit(self._init, out_shardings=self.state_shardings)
@@ -168,10 +173,27 @@ class Experiment:
   # ------------------------------------------------------------------ sampling
 
   def F_fn(self, params, labels=None, guidance: float = 1.0):
-    """F(x_scaled, t) with params and labels bound; guidance > 1 mixes in the null class
-    (classifier-free guidance in F-space, see core.teachers.guided)."""
+    """F(x_scaled, t) with params and labels bound. guidance != 1: the input s of a
+    guidance-conditioned student (one evaluation), else classifier-free guidance on the
+    outputs (the null class mixed in, two evaluations; see core.teachers.guided)."""
     F_apply = teachers.from_flax_model(self.model, guidance if labels is not None else 1.0)
     return lambda x, t: F_apply(params, x, t, labels)
+
+  def evaluations_per_step(self, guidance: float) -> int:
+    """Network evaluations per sampler evaluation: 2 with CFG on the outputs."""
+    cfg = (self.num_classes and guidance != 1.0
+           and not getattr(self.model, 'guidance_embed', False))
+    return 2 if cfg else 1
+
+  def default_guidance(self, method: str, steps: int) -> float:
+    """config.sample.guidance for this sampler: one value for all, or one per entry of
+    sample.steps (Table 6 guides 1- and 2-step sCD differently; other counts: the last)."""
+    c = self.config.sample
+    scales = tuple(c.get('guidance', (1.0,)))
+    if len(scales) == 1 or method != 'consistency':
+      return float(scales[0])
+    counts = tuple(c.steps)
+    return float(scales[counts.index(steps)] if steps in counts else scales[-1])
 
   def _sampler(self, num: int, method: str, steps: int, guidance: float, solver: str):
     cache_key = (num, method, steps, guidance, solver)
@@ -182,16 +204,18 @@ class Experiment:
       if method == 'consistency' and segments > 1 and steps != segments:
         raise ConfigError(f'this model has loss.segments={segments}: it samples in exactly '
                           f'{segments} consistency steps (--steps={segments}), got {steps}.')
+      sigma_max = c.sample.get('sigma_max', sampling.DEFAULT_SIGMA_MAX)
 
       def run(params, key, labels):
         F_fn = self.F_fn(params, labels, guidance)
         if method == 'consistency' and segments > 1:
           return sampling.sample_segments(F_fn, key, shape, sd, segments)
         if method == 'consistency':
-          times = sampling.consistency_times(steps, c.sample.t_mid)
+          times = sampling.consistency_times(steps, c.sample.t_mid,
+                                             t_start=sampling.t_max(sd, sigma_max))
           return sampling.sample_consistency(F_fn, key, shape, sd, times)
         return sampling.sample_pf_ode(F_fn, key, shape, sd, steps, solver,
-                                      c.sample.ode_schedule)
+                                      c.sample.ode_schedule, sigma_max)
       # Split the samples over the mesh when they divide evenly (evaluation batches).
       out = sharding_lib.batch_sharding(self.mesh) if num % self.mesh.size == 0 else None
       self._samplers[cache_key] = jax.jit(run, out_shardings=out)
@@ -199,11 +223,12 @@ class Experiment:
 
   def sample(self, state_or_params, num: int, steps: Optional[int] = None, key=None,
              labels=None, ema: Optional[str] = None, method: Optional[str] = None,
-             guidance: float = 1.0, solver: Optional[str] = None) -> np.ndarray:
+             guidance: Optional[float] = None, solver: Optional[str] = None) -> np.ndarray:
     """Draws `num` samples as numpy. Consistency models default to 2-step sampling
     (multistep ones, loss.segments = M, to their M steps along the segments);
     diffusion models (or method='ode') integrate the PF-ODE with sample.ode_steps
-    steps of `solver` (default sample.ode_solver)."""
+    steps of `solver` (default sample.ode_solver). `guidance` defaults to
+    config.sample.guidance (see default_guidance)."""
     c = self.config
     if isinstance(state_or_params, state_lib.TrainState):
       params = state_lib.pick_params(state_or_params, c.sample.ema if ema is None else ema, c)
@@ -211,13 +236,14 @@ class Experiment:
       params = state_or_params
     method = method or ('consistency' if self.is_consistency_model else 'ode')
     default = c.loss.get('segments', 1) if c.loss.get('segments', 1) > 1 else 2
-    steps = steps or (default if method == 'consistency' else c.sample.ode_steps)
+    steps = int(steps or (default if method == 'consistency' else c.sample.ode_steps))
     key = jax.random.PRNGKey(c.sample.seed) if key is None else key
     if self.num_classes and labels is None:
       labels = np.arange(num) % self.num_classes
     labels = None if labels is None else jnp.asarray(labels, jnp.int32)
     solver = solver or c.sample.ode_solver
-    out = self._sampler(num, method, int(steps), float(guidance), solver)(params, key, labels)
+    guidance = self.default_guidance(method, steps) if guidance is None else guidance
+    out = self._sampler(num, method, steps, float(guidance), solver)(params, key, labels)
     return np.asarray(jax.device_get(out))
 
 

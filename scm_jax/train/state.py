@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from scm_jax import models as models_lib
 from scm_jax.errors import ConfigError
 
 
@@ -71,7 +72,19 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
     raise ConfigError(f'config.optim.name={o.name!r} is unknown; choose one of {OPTIMIZERS}.')
   if o.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+  projection = models_lib.build_model(c.model).param_projection()
+  if projection is not None:  # e.g. EDM2's forced weight normalization
+    opt = optax.chain(opt, projected(projection))
   return opt
+
+
+def projected(projection) -> optax.GradientTransformation:
+  """Makes the update land on projection(params + update): parameters are kept on a
+  constraint set (EDM2's forced weight normalization) after every step."""
+  def update(updates, state, params):
+    new = projection(optax.apply_updates(params, updates))
+    return jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new, params), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 # ----------------------------------------------------------------------- EMA

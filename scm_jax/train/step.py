@@ -51,7 +51,7 @@ def per_example_dropout(keys: jax.Array):
 
 
 def model_apply_fn(model, train: bool = True):
-  """apply_fn(params, x_scaled, t, labels, dropout_keys [B]) -> (F, w) for the losses.
+  """apply_fn(params, x_scaled, t, labels, dropout_keys [B][, guidance]) -> (F, w) for the losses.
 
   Unconditional models ignore labels, so they get None and keep no label path.
   Dropout masks are drawn per example (`per_example_dropout`); keys=None is for models
@@ -59,14 +59,22 @@ def model_apply_fn(model, train: bool = True):
   """
   conditional = getattr(model, 'num_classes', 0) > 0
 
-  def apply_fn(params, x, t, labels, keys):
+  def apply_fn(params, x, t, labels, keys, guidance=None):
     run = lambda: model.apply({'params': params}, x, t, labels if conditional else None,
-                              train=train)
+                              guidance, train=train)
     if keys is None:
       return run()
     with nn.intercept_methods(per_example_dropout(keys)):
       return run()
   return apply_fn
+
+
+def draw_guidance(keys, guidance_max: float):
+  """The guidance-conditioned student's input s ~ U[1, s_max], example i's from keys[i]
+  (App. G.2), so it does not depend on the example's microbatch."""
+  draw = lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32, 1.0,
+                                      guidance_max)
+  return jax.vmap(draw)(keys)
 
 
 def drop_labels(keys, labels, num_classes: int, p: float):
@@ -162,6 +170,7 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
   num_classes = getattr(model, 'num_classes', 0)
   k = int(c.train.get('microbatches', 1))
   aux_model = state_lib.has_aux_model(c)
+  guidance_max = float(c.teacher.get('guidance_max', 1.0)) if 'teacher' in c else 1.0
 
   def train_step(state: state_lib.TrainState, batch: dict, teacher=None):
     dxdt = dxdt_fn if teacher is None else teacher
@@ -176,6 +185,8 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
     batch = dict(batch)
     if 'label' in batch:
       batch['label'] = drop_labels(k_label, batch['label'], num_classes, c.loss.label_dropout)
+    if guidance_max > 1:
+      batch['guidance'] = draw_guidance(k_label, guidance_max)
     aux = None
     if aux_model:
       (loss, metrics), grads, aux = vsd_step(c, model, apply_fn, dxdt, state, batch, k_loss)

@@ -4,17 +4,20 @@
         --config.teacher.workdir=runs/teacher
 
 `resolve` reads the teacher's saved config, checks it against the student (before any
-checkpoint is read), restores the teacher's chosen weights (`teacher.ema`) read-only,
-applies classifier-free guidance (`teacher.guidance`) and returns what training takes
-from it: the sCD drift dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t), and the weights the
-student starts from when `teacher.init_student` is set (the paper initializes the
-student from the teacher). Teachers in other parameterizations (EDM, VP, flow matching)
-go through `scm_jax.core.teachers` and the `dxdt_fn` argument of Experiment.
+checkpoint is read), restores the teacher's chosen weights (`teacher.ema`) read-only and
+returns what training takes from it: for sCD the drift dx_t/dt = sigma_d F_teacher(x_t /
+sigma_d, t) (classifier-free guided by `teacher.guidance`, or by the student's own
+per-example input s ~ U[1, teacher.guidance_max]); for sCT and sCD the weights the
+student starts from when `teacher.init_student` is set (Algorithm 1 initializes every
+consistency model from the teacher's EMA; sCT uses nothing else of it). Teachers in
+other parameterizations (EDM, VP, flow matching) go through `scm_jax.core.teachers` and
+the `dxdt_fn` argument of Experiment.
 """
 
 import dataclasses
 from typing import Any, Optional
 
+import flax
 import jax
 import ml_collections
 
@@ -33,6 +36,11 @@ class Teacher:
   dxdt_fn: Optional[Any] = None      # sCD drift dxdt(x_t, t, labels) (a Partial over weights)
   init_params: Optional[Any] = None  # the student's initial parameters
   aux_init: Optional[Any] = None     # scd_vsd: F_phi's initial parameters (the teacher's)
+
+
+_FIX = "Give the student the teacher's config.model (the same --config.model.* overrides)"
+_INIT_WHAT = "config.teacher.init_student=True copies the teacher's weights into the student"
+_INIT_FIX = ' or set --config.teacher.init_student=False.'
 
 
 def teacher_config(workdir: str) -> ml_collections.ConfigDict:
@@ -74,9 +82,15 @@ def load_weights(workdir: str, tc, data_shape, ema: str, step: int, field: str):
   return model, state_lib.pick_params(state, ema, tc)
 
 
-def _check_architecture(params, student_params, what: str, fix: str) -> None:
-  diffs = workdir_lib.shape_mismatches(ckpt_lib.flat_shapes(params),
-                                       ckpt_lib.flat_shapes(student_params))
+def _check_architecture(params, student_params, what: str, fix: str,
+                        guidance_student: bool = False) -> None:
+  """The student must have the teacher's shapes (a guidance-conditioned student may also
+  have its guidance embedding, which the teacher lacks)."""
+  teacher, student = ckpt_lib.flat_shapes(params), ckpt_lib.flat_shapes(student_params)
+  if guidance_student:
+    student = {k: v for k, v in student.items()
+               if k in teacher or not _is_guidance_embedding(k)}
+  diffs = workdir_lib.shape_mismatches(teacher, student)
   if diffs:
     raise ConfigError(f'{what}, but the architectures differ (teacher vs student):\n'
                       + '\n'.join(diffs) + f'\n{fix}')
@@ -106,14 +120,41 @@ def _check_same(name: str, student, teacher, fix: str) -> None:
                       f'{fix}')
 
 
+def merge_params(fresh, given):
+  """`given` parameters where they exist, `fresh` ones elsewhere (same nesting)."""
+  flat_given = flax.traverse_util.flatten_dict(given)
+  flat = {k: flat_given.get(k, v) for k, v in flax.traverse_util.flatten_dict(fresh).items()}
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def restrict(tree, like):
+  """The entries of `tree` at the paths `like` has (e.g. shardings for a teacher's params)."""
+  flat = flax.traverse_util.flatten_dict(tree)
+  return flax.traverse_util.unflatten_dict(
+      {k: flat[k] for k in flax.traverse_util.flatten_dict(like)})
+
+
+def _is_guidance_embedding(path: str) -> bool:
+  return any(part.startswith('guidance') for part in path.split('/'))
+
+
 def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Teacher:
   """The Teacher of `config` for a student of `data_shape` whose parameters have the
   shapes of `student_params` (abstract is enough).
 
-  Only loss.kind='scd' / 'scd_vsd' have one. A ConfigError says what is missing or
-  mismatched.
+  sCD (and scd_vsd) need one (its drift, and its weights with init_student); sCT uses
+  one only for its initial weights (teacher.workdir set and init_student). A ConfigError
+  says what is missing or mismatched.
   """
   c = config
+  init = bool(c.teacher.init_student)
+  if c.loss.kind == 'sct' and c.teacher.workdir and init:
+    tc = teacher_config(c.teacher.workdir)
+    _check_same('trigflow.sigma_d', c.trigflow.sigma_d, tc.trigflow.sigma_d,
+                "set --config.trigflow.sigma_d to the teacher's value.")
+    _, _, params = load_teacher(c.teacher.workdir, data_shape, c.teacher.ema, c.teacher.step)
+    _check_architecture(params, student_params, _INIT_WHAT, _FIX + _INIT_FIX)
+    return Teacher(None, params)
   if c.loss.kind not in losses.DISTILLATION_KINDS:
     return Teacher()
   if not c.teacher.workdir:
@@ -124,9 +165,11 @@ def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Te
   _check_same('trigflow.sigma_d', c.trigflow.sigma_d, tc.trigflow.sigma_d,
               "set --config.trigflow.sigma_d to the teacher's value.")
   teacher_classes = int(tc.model.get('num_classes', 0))
-  if c.teacher.guidance != 1.0 and not teacher_classes:
-    raise ConfigError(f'config.teacher.guidance={c.teacher.guidance} needs a '
-                      'class-conditional teacher; this one is unconditional (use 1.0).')
+  guidance_max = float(c.teacher.get('guidance_max', 1.0))
+  if (c.teacher.guidance != 1.0 or guidance_max > 1) and not teacher_classes:
+    raise ConfigError(f'config.teacher.guidance={c.teacher.guidance} / guidance_max='
+                      f'{guidance_max} need a class-conditional teacher; this one is '
+                      'unconditional (use 1.0).')
   _check_same('model.num_classes', int(c.model.get('num_classes', 0)), teacher_classes,
               'a conditional teacher needs a conditional student with the same classes.')
 
@@ -134,18 +177,15 @@ def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Te
                                   c.teacher.step)
   F_apply = teachers.from_flax_model(model, c.teacher.guidance)
   dxdt_fn = teachers.make_dxdt_fn(F_apply, params, c.trigflow.sigma_d)
-  fix = ("Give the student the teacher's config.model (the same --config.model.* "
-         'overrides)')
   aux_init = None
   if c.loss.kind == 'scd_vsd':  # F_phi starts from the teacher, on the student's model
     _check_architecture(params, student_params, "loss.kind='scd_vsd' starts F_phi from "
-                        "the teacher's weights", fix + '.')
+                        "the teacher's weights", _FIX + '.')
     aux_init = params
   if c.teacher.get('student_workdir', ''):
     return Teacher(dxdt_fn, _vsd_student(config, data_shape, student_params), aux_init)
-  if not c.teacher.init_student:
+  if not init:
     return Teacher(dxdt_fn, None, aux_init)
-  _check_architecture(params, student_params, "config.teacher.init_student=True copies "
-                      "the teacher's weights into the student",
-                      fix + ' or set --config.teacher.init_student=False.')
+  _check_architecture(params, student_params, _INIT_WHAT, _FIX + _INIT_FIX,
+                      guidance_student=guidance_max > 1)
   return Teacher(dxdt_fn, params, aux_init)
