@@ -221,7 +221,8 @@ def _unet_model(dropout=0.2, num_classes=3):
 
 @pytest.mark.parametrize('net,kind,time_derivative', [
     ('mlp', 'sct', 'jvp'), ('mlp', 'sct', 'finite_difference'), ('mlp', 'scd', 'jvp'),
-    ('unet', 'sct', 'jvp'), ('unet', 'scd', 'finite_difference')])
+    ('unet', 'sct', 'jvp'),
+    pytest.param('unet', 'scd', 'finite_difference', marks=pytest.mark.slow)])
 def test_shared_forward_equals_separate_forward(net, kind, time_derivative):
   """loss.shared_forward: the same loss, metrics and gradients (adaptive-weight head
   included) as the jvp of F^- plus a second forward, with dropout and labels."""
