@@ -41,6 +41,8 @@ def _config(args, kind: str, batch: int, depth: int = 0, attn_impl: str = ''):
   if depth and 'depth' in c.model:
     c.model.depth = depth
   c.loss.kind = kind
+  if kind != 'scd' or not c.model.get('guidance_embed', False):
+    c.teacher.guidance_max = 1.0   # the guidance input s is an sCD student's (App. G.2)
   c.train.batch_size = batch
   c.train.progress_bar = False
   c.data.prefetch = 0

@@ -131,7 +131,10 @@ def test_guidance_conditioned_student_starts_as_its_teacher_and_distills_guided_
                           apply_fn=step_lib.model_apply_fn(exp.model), sigma_d=0.5,
                           p_mean=-1.0, p_std=1.4, dxdt_fn=drift)
   np.testing.assert_array_equal(seen['s'], s)
-  g = step_lib.draw_guidance(jax.random.PRNGKey(2), 4096, 2.0)
+  # One s per example, from the example's own key (so microbatching does not change it).
+  keys = losses.example_keys(jax.random.PRNGKey(2), 4096)
+  g = step_lib.draw_guidance(keys, 2.0)
+  np.testing.assert_array_equal(step_lib.draw_guidance(keys[:7], 2.0), g[:7])
   assert 1.0 <= float(g.min()) and float(g.max()) <= 2.0 and abs(float(g.mean()) - 1.5) < 0.02
   # Training runs; sampling with guidance costs one evaluation per step.
   state, hist = exp.train(exp.init_state(), 2)

@@ -99,8 +99,10 @@ def test_forced_weight_normalization():
   scaled = jax.tree_util.tree_map_with_path(
       lambda p, a: a * 3.0 if jax.tree_util.keystr(p).endswith("['weight']") else a, params)
   F, _ = model.apply({'params': params}, x, t)
-  np.testing.assert_allclose(model.apply({'params': scaled}, x, t)[0], F, rtol=1e-4,
-                             atol=1e-5)
+  # Up to EDM2's eps = 1e-4 in normalize (w / (eps + ||w|| / sqrt(n))), compounded over
+  # the layers: a relative change of ~1e-4 per layer.
+  np.testing.assert_allclose(model.apply({'params': scaled}, x, t)[0], F, rtol=1e-3,
+                             atol=3e-4)
   # One Adam step through the projection: the stored weights are unit-RMS per channel.
   tx = state_lib.make_optimizer(_optimizer_config(lr=0.1))
   grads = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x, t)[0] ** 2))(scaled)
