@@ -332,11 +332,7 @@ class EDM2(layers.SCMNetwork):
     return project_weights if self.forced_weight_norm else None
 
   def check_input(self, x: jax.Array) -> None:
-    factor = 2 ** (len(self.channel_mult) - 1)
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ConfigError(
-          f'Image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor} = '
-          f'2^(len(channel_mult)-1); use fewer levels in model.channel_mult.')
+    layers.check_levels(x, self.channel_mult)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,

@@ -35,6 +35,16 @@ def resolve_dtype(name: str) -> Any:
   return COMPUTE_DTYPES[name]
 
 
+def check_levels(x: jax.Array, channel_mult) -> None:
+  """ConfigError unless a U-Net with len(channel_mult) levels can halve x's size that often."""
+  factor = 2 ** (len(channel_mult) - 1)
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ConfigError(
+        f'Image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor} = '
+        f'2^(len(channel_mult)-1) for channel_mult={tuple(channel_mult)}; '
+        f'use fewer levels in model.channel_mult or resize the images.')
+
+
 def check_choice(field: str, value: str, choices) -> None:
   """Raises ConfigError if `value` of config field `field` is not in `choices`."""
   if value not in choices:

@@ -161,12 +161,7 @@ class UNet(layers.SCMNetwork):
     return self.time_embed_dim or 4 * self.channels, self.channels
 
   def check_input(self, x: jax.Array) -> None:
-    factor = 2 ** (len(self.channel_mult) - 1)
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ConfigError(
-          f'Image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor} = '
-          f'2^(len(channel_mult)-1) for channel_mult={tuple(self.channel_mult)}; '
-          f'use fewer levels in model.channel_mult or resize the images.')
+    layers.check_levels(x, self.channel_mult)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array,
