@@ -57,13 +57,6 @@ def teacher_config(workdir: str) -> ml_collections.ConfigDict:
   return tc
 
 
-def load_teacher(workdir: str, data_shape, ema: str = '', step: int = -1):
-  """(teacher model, its saved config, its chosen weights) from a diffusion workdir."""
-  tc = teacher_config(workdir)
-  model, params = load_weights(workdir, tc, data_shape, ema, step, 'config.teacher.workdir')
-  return model, tc, params
-
-
 def load_weights(workdir: str, tc, data_shape, ema: str, step: int, field: str):
   """(model, chosen weights) of the run in `workdir` whose saved config is `tc`.
 
@@ -148,14 +141,8 @@ def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Te
   """
   c = config
   init = bool(c.teacher.init_student)
-  if c.loss.kind == 'sct' and c.teacher.workdir and init:
-    tc = teacher_config(c.teacher.workdir)
-    _check_same('trigflow.sigma_d', c.trigflow.sigma_d, tc.trigflow.sigma_d,
-                "set --config.trigflow.sigma_d to the teacher's value.")
-    _, _, params = load_teacher(c.teacher.workdir, data_shape, c.teacher.ema, c.teacher.step)
-    _check_architecture(params, student_params, _INIT_WHAT, _FIX + _INIT_FIX)
-    return Teacher(None, params)
-  if c.loss.kind not in losses.DISTILLATION_KINDS:
+  drift = c.loss.kind in losses.DISTILLATION_KINDS
+  if not drift and not (c.loss.kind == 'sct' and c.teacher.workdir and init):
     return Teacher()
   if not c.teacher.workdir:
     raise ConfigError(f"loss.kind={c.loss.kind!r} distills a teacher: pass --config.teacher.workdir="
@@ -164,6 +151,12 @@ def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Te
   tc = teacher_config(c.teacher.workdir)
   _check_same('trigflow.sigma_d', c.trigflow.sigma_d, tc.trigflow.sigma_d,
               "set --config.trigflow.sigma_d to the teacher's value.")
+  load = lambda: load_weights(c.teacher.workdir, tc, data_shape, c.teacher.ema,
+                              c.teacher.step, 'config.teacher.workdir')
+  if not drift:  # sCT from the teacher: its weights only
+    _, params = load()
+    _check_architecture(params, student_params, _INIT_WHAT, _FIX + _INIT_FIX)
+    return Teacher(None, params)
   teacher_classes = int(tc.model.get('num_classes', 0))
   guidance_max = float(c.teacher.get('guidance_max', 1.0))
   if (c.teacher.guidance != 1.0 or guidance_max > 1) and not teacher_classes:
@@ -173,8 +166,7 @@ def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Te
   _check_same('model.num_classes', int(c.model.get('num_classes', 0)), teacher_classes,
               'a conditional teacher needs a conditional student with the same classes.')
 
-  model, _, params = load_teacher(c.teacher.workdir, data_shape, c.teacher.ema,
-                                  c.teacher.step)
+  model, params = load()
   F_apply = teachers.from_flax_model(model, c.teacher.guidance)
   dxdt_fn = teachers.make_dxdt_fn(F_apply, params, c.trigflow.sigma_d)
   aux_init = None
