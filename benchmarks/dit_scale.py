@@ -1,6 +1,6 @@
 """DiT at scale: parameters, sCM train-step time / compiled memory / FLOPs, 2-step sampling.
 
-  # CPU (what the closing note of issue 5 reports):
+  # CPU (the numbers in benchmarks/RESULTS.md):
   python -m benchmarks.dit_scale --sizes=S,B --resolution=32 --batch=8 \
       --variants=xla/none,flash/full --out=benchmarks/dit_scale_cpu.json
   # One GPU, the 1.5B model in bf16 on 64x64x4 latents:

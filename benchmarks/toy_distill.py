@@ -1,4 +1,4 @@
-"""Toy comparison for sCD (issue 3): teacher NFE 1/2/50, sCD 1/2-step, sCT 1/2-step.
+"""Toy comparison for sCD: teacher NFE 1/2/50, sCD 1/2-step, sCT 1/2-step.
 
 Same data (ring8, seed 0), same seed, same architecture and the same number of
 student steps for sCD and sCT. Quality: energy distance to held-out data (lower is

@@ -1,4 +1,4 @@
-"""Issue 5 (scale): DiT, bf16, remat, big configs, sharding."""
+"""Scale: DiT, bf16, remat, big configs, sharding."""
 
 import jax
 import jax.numpy as jnp

@@ -10,23 +10,30 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, cols: int = 0, pad: int = 1, upscale: int = 0) -> np.ndarray:
-  """NHWC images in [-1, 1] -> one uint8 grid image (HxWxC), padded in black.
+GRID_GAP_VALUE = 128   # mid grey: visible between dark and light tiles alike
+GRID_MIN_TILE = 64     # small images are upscaled to at least this many pixels
 
-  Small images (digits are 8x8) are upscaled by pixel repetition so the grid is readable.
+
+def image_grid(images: np.ndarray, cols: int = 0, gap: int = 2, upscale: int = 0) -> np.ndarray:
+  """NHWC images in [-1, 1] -> one uint8 grid image (HxWxC) that reads at a glance.
+
+  Tiles are separated (and framed) by a `gap`-pixel mid-grey border, so neighbouring
+  samples with dark or light backgrounds stay apart. Small images (digits are 8x8) are
+  upscaled by an integer factor with nearest-neighbour (pixel repetition, no smoothing)
+  until a tile is at least GRID_MIN_TILE pixels; `upscale` > 0 sets the factor.
   """
   images = to_uint8(images)
   n, h, w, c = images.shape
   cols = cols or int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
-  upscale = upscale or max(1, 32 // max(h, w))
+  upscale = upscale or max(1, -(-GRID_MIN_TILE // max(h, w)))
   if upscale > 1:
     images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
     h, w = h * upscale, w * upscale
-  grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+  grid = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, c), GRID_GAP_VALUE, np.uint8)
   for i in range(n):
     r, q = divmod(i, cols)
-    y, x = pad + r * (h + pad), pad + q * (w + pad)
+    y, x = gap + r * (h + gap), gap + q * (w + gap)
     grid[y:y + h, x:x + w] = images[i]
   return grid
 

@@ -51,7 +51,7 @@ def per_example_dropout(keys: jax.Array):
 
 
 def model_apply_fn(model, train: bool = True):
-  """apply_fn(params, x_scaled, t, labels, dropout_keys [B][, guidance]) -> (F, w) for the losses.
+  """`apply_fn(params, x_scaled, t, labels, dropout_keys [B][, guidance]) -> (F, w)` for the losses.
 
   Unconditional models ignore labels, so they get None and keep no label path.
   Dropout masks are drawn per example (`per_example_dropout`); keys=None is for models
