@@ -132,6 +132,8 @@ def export_generator(exp, params, *, method: str = 'consistency', steps: int = 2
       'guidance_input': guidance_input, 'platforms': list(exported.platforms),
       'model': c.model.name, 'model_dtype': str(c.model.get('dtype', 'float32')),
       'attn_impl': c.model.get('attn_impl'), 'data': c.data.name,
+      # Latent models: the samples are latents, to decode with this VAE.
+      'vae': (c.get('vae') or {}).get('path') or None,
       'num_params': int(sum(math.prod(w.shape) for w in leaves)),
       'jax_version': jax.__version__, 'scm_jax_version': scm_jax.__version__,
       'created': time.strftime('%Y-%m-%d %H:%M:%S'), **(info or {}),
