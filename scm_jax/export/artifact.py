@@ -10,7 +10,7 @@ Layout (little endian): MAGIC, uint32 format version, uint64 header length, the
 header (UTF-8 JSON), then the payload: the `jax.export` serialization of the sampler
 and the weights, raw C-order bytes at 64-byte aligned offsets (memory-mapped when
 loaded). The header holds the metadata (what `gen.metadata` returns), where each part
-lies, the payload's length and CRC-32 checksums, so that a truncated or damaged file is
+lies, the payload's length and its CRC-32, so that a truncated or damaged file is
 refused before anything runs.
 
 The sampler's arguments are (weights, noise[, labels][, guidance]); the weights are
