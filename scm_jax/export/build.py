@@ -3,7 +3,7 @@
 The program is `Experiment.sampler_fn`, the function `Experiment.sample` jits, taking
 its noise as an argument instead of drawing it from a key; the weights are its first
 argument (artifact.py says why they are not baked in). The batch dimension is symbolic
-(`jax.export.symbolic_shape`) unless a fixed batch is asked for; the class-free
+(`jax.export.symbolic_shape`) unless a fixed batch is asked for; the classifier-free
 guidance scale of CFG is a constant of the program (it decides between one and two
 network evaluations per step), the input s of a guidance-conditioned student is an
 argument.
