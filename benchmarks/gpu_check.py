@@ -1,4 +1,5 @@
-"""One GPU check: the 1.5B sCD step, 2-step sampling and the attention kernels, in <= 8 min.
+"""One GPU check: the 1.5B sCD step, 2-step sampling, exported generators and the attention
+kernels, in <= 8 min.
 
     python -m benchmarks.gpu_check [--config=configs/imagenet512_scd.py[:xxl|:dit_xxl]]
         [--out=FILE.json] [--budget_s=470] [--attn_impl=pallas] [--batch=0]
@@ -24,6 +25,9 @@ rewritten after every section:
 - sampling: 2-step latent sampling (no VAE decode) at batch 64 (throughput) and 1
   (latency), with the f32 master weights as `Experiment.sample` runs it and with bf16
   weights.
+- export: the 1- and 2-step generators exported with scm_jax.export (program through a
+  serialization round trip, f32 weights) vs in-process `Experiment.sample` vs Heun-18
+  on the same network, batch 1 and 64 (benchmarks/export_latency.py).
 Targets (one H100): MFU >= 40%, 2-step >= 200 img/s at batch 64, <= 30 ms at batch 1.
 """
 
@@ -45,7 +49,8 @@ _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny sizes (CPU, seconds): tests the
 _OUT = flags.DEFINE_string('out', None, 'JSON path (the Markdown table goes next to it).')
 _BUDGET = flags.DEFINE_float('budget_s', 470., 'Wall-clock budget of all sections.')
 _CAPS = flags.DEFINE_list('caps', [], 'Per-section caps in seconds, e.g. train=240,ratio=60.')
-_SECTIONS = flags.DEFINE_list('sections', ['env', 'attention', 'train', 'sampling', 'ratio'],
+_SECTIONS = flags.DEFINE_list('sections', ['env', 'attention', 'train', 'sampling', 'ratio',
+                                           'export'],
                               'Sections to run, in order (the last gets what is left).')
 _ATTN_IMPL = flags.DEFINE_string('attn_impl', 'pallas', 'model.attn_impl of the model.')
 _BATCH = flags.DEFINE_integer('batch', 0, 'Train microbatch (0: the largest that fits).')
@@ -63,8 +68,9 @@ _SECTION = flags.DEFINE_string('section', '', 'Internal: run one section in this
 _SECTION_OUT = flags.DEFINE_string('section_out', '', 'Internal: its JSON file.')
 _SECTION_CAP = flags.DEFINE_float('section_cap_s', 0., 'Internal: its time cap.')
 
-CAPS = {'env': 40, 'attention': 75, 'train': 200, 'sampling': 120, 'ratio': 60}
-SMOKE_CAPS = {'env': 60, 'attention': 120, 'ratio': 120, 'train': 120, 'sampling': 90}
+CAPS = {'env': 40, 'attention': 75, 'train': 200, 'sampling': 120, 'export': 150, 'ratio': 60}
+SMOKE_CAPS = {'env': 60, 'attention': 120, 'ratio': 120, 'train': 120, 'sampling': 90,
+              'export': 120}
 TARGETS = {'train_mfu': 0.40, 'sample_img_s_b64': 200., 'sample_latency_ms_b1': 30.}
 
 
@@ -187,6 +193,16 @@ def markdown(report: dict) -> str:
            f"{_fmt(get('sampling', 'img_s_at_bf16_peak'), '.1f')} | | |",
            f"| 2-step sampling, batch 1 | {_fmt(lat, '.1f')} ms | <= 30 | "
            f"{tick(None if lat is None else lat <= TARGETS['sample_latency_ms_b1'])} |",
+           f"| exported 2-step, batch 1 / in-process | "
+           f"{_fmt(get('export', 'sCM 2-step exported', 'latency_ms'), '.1f')} / "
+           f"{_fmt(get('export', 'sCM 2-step in-process', 'latency_ms'), '.1f')} ms | | |",
+           f"| exported 2-step, batch 64 / in-process | "
+           f"{_fmt(get('export', 'sCM 2-step exported', 'img_s'), '.1f')} / "
+           f"{_fmt(get('export', 'sCM 2-step in-process', 'img_s'), '.1f')} img/s | | |",
+           f"| exported 2-step vs Heun-18: latency / img/s | "
+           f"{_fmt(get('export', 'sCM 2-step exported', 'latency_speedup_vs_heun'), '.1f')}x / "
+           f"{_fmt(get('export', 'sCM 2-step exported', 'throughput_speedup_vs_heun'), '.1f')}x "
+           f"| | |",
            f"| attention forward: ours / cuDNN | {_fmt(get('attention', 'fwd_ours', 'ms'))} / "
            f"{_fmt(get('attention', 'fwd_cudnn', 'ms'))} ms | | |",
            f"| attention JVP: Pallas / XLA | {_fmt(get('attention', 'jvp_ours', 'ms'))} / "
@@ -201,6 +217,17 @@ def markdown(report: dict) -> str:
               'float32 XLA', '', '| program | ms | TFLOP/s | rel. error |', '|---|---|---|---|']
     lines += [f"| {k} | {_fmt(v['ms'])} | {_fmt(v.get('tflops'))} | {_fmt(v.get('rel_err'), '.2e')} |"
               for k, v in rows]
+  rows = [(k, v) for k, v in s.get('export', {}).items() if isinstance(v, dict) and 'nfe' in v]
+  if rows:
+    lines += ['', 'Exported generators vs in-process sampling (median ms; img/s at batch '
+              f"{rows[0][1].get('batch')})", '',
+              '| program | NFE | batch-1 ms | img/s | vs in-process (latency, img/s) | '
+              'vs Heun-18 (smoke: Heun-2) (latency, img/s) |', '|---|---|---|---|---|---|']
+    lines += [f"| {k} | {v['nfe']} | {_fmt(v['latency_ms'])} | {_fmt(v['img_s'])} | "
+              f"{_fmt(v['latency_vs_in_process'], '.2f')}, "
+              f"{_fmt(v['throughput_vs_in_process'], '.2f')} | "
+              f"{_fmt(v.get('latency_speedup_vs_heun'), '.1f')}x, "
+              f"{_fmt(v.get('throughput_speedup_vs_heun'), '.1f')}x |" for k, v in rows]
   for sec in ('ratio', 'train', 'sampling', 'env'):
     flat = {k: v for k, v in s.get(sec, {}).items()
             if k not in ('status', 'seconds', 'cap_s', 'log_tail')}

@@ -53,37 +53,8 @@ def _config(args, kind: str, batch: int, depth: int = 0, attn_impl: str = ''):
 def _experiment(c, abstract_teacher: bool = False):
   """Experiment on synthetic latents; sCD gets a same-architecture teacher with random
   weights (abstract: shapes only, for lowering)."""
-  from scm_jax import data as data_lib
-  from scm_jax import models as models_lib
-  from scm_jax.core import teachers
-  from scm_jax.train.experiment import Experiment
-  shape = tuple(c.data.expected_shape)
-  classes = int(c.model.get('num_classes', 0))
-  rng = np.random.RandomState(0)
-  n = max(2 * c.train.batch_size, 16)
-  source = data_lib.ArraySource(0.5 * rng.randn(n, *shape).astype(np.float32),
-                                rng.randint(0, max(classes, 1), n), num_classes=classes,
-                                name='synthetic_latents')
-  kwargs = {}
-  if c.loss.kind == 'scd':
-    model = models_lib.build_model(c.model)
-    x, t = jnp.zeros((1,) + shape), jnp.ones((1,))
-    labels = jnp.zeros((1,), jnp.int32) if classes else None
-    init = lambda k: model.init(k, x, t, labels)['params']
-    params = (jax.eval_shape(init, jax.random.key(1)) if abstract_teacher
-              else jax.jit(init)(jax.random.key(1)))
-    F = teachers.from_flax_model(model, c.teacher.guidance)
-    kwargs['dxdt_fn'] = teachers.make_dxdt_fn(F, params, c.trigflow.sigma_d)
-  return Experiment(c, source=source, **kwargs)
-
-
-def _batch_spec(exp, batch: int) -> dict:
-  from scm_jax.infra import sharding
-  sh = sharding.batch_sharding(exp.mesh)
-  spec = {'x': jax.ShapeDtypeStruct((batch,) + exp.data_shape, jnp.float32, sharding=sh)}
-  if exp.num_classes:
-    spec['label'] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sh)
-  return spec
+  from scm_jax.train import lowering
+  return lowering.synthetic_experiment(c, abstract_teacher=abstract_teacher)
 
 
 def _batch(exp, batch: int) -> dict:
@@ -95,19 +66,12 @@ def _batch(exp, batch: int) -> dict:
   return sharding.put_batch(b, exp.mesh)
 
 
-def _teacher_args(exp, abstract: bool = False) -> tuple:
-  """The step's teacher argument: placed weights, or (abstract) their shapes."""
-  if not abstract:
-    return exp.teacher_args
-  from scm_jax.core import teachers
-  return (exp.teacher.dxdt_fn,) if teachers.has_params(exp.teacher.dxdt_fn) else ()
-
-
 def _lowered_flops(c, program: str, batch: int) -> float:
+  from scm_jax.train import lowering
   exp = _experiment(c, abstract_teacher=True)
   if program == 'step':
-    lowered = exp.jit_step.lower(exp.abstract_state, _batch_spec(exp, batch),
-                                 *_teacher_args(exp, abstract=True))
+    lowered = exp.jit_step.lower(exp.abstract_state, lowering.batch_spec(exp, batch),
+                                 *lowering.teacher_spec(exp))
   else:
     lowered = jax.jit(lambda p, x, t: exp.F_fn(p)(x, t)).lower(
         exp.abstract_state.params, jax.ShapeDtypeStruct((batch,) + exp.data_shape, jnp.float32),
@@ -273,6 +237,7 @@ def largest_fitting(points: list, limit: float):
 
 
 def train(rec, args):
+  from scm_jax.train import lowering
   limit = _memory_limit(args)
   rec['limit_gib'] = limit / GIB
   b0 = args.batch or (args.probe_batch if not args.smoke else 2)
@@ -287,7 +252,8 @@ def train(rec, args):
 
   def compile_at(batch):
     t0 = time.perf_counter()
-    exe = exp.jit_step.lower(exp.abstract_state, _batch_spec(exp, batch), *targs).compile()
+    exe = exp.jit_step.lower(exp.abstract_state, lowering.batch_spec(exp, batch),
+                             *targs).compile()
     mem = exe.memory_analysis()
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes)
@@ -323,13 +289,17 @@ def train(rec, args):
   rec['mfu'] = common.mfu(flops, timing['median_s'], common.peak_flops('bf16'))
 
 
+def _random_params(exp):
+  x = jnp.zeros((1,) + exp.data_shape)
+  labels = jnp.zeros((1,), jnp.int32) if exp.num_classes else None
+  return jax.jit(lambda k: exp.model.init(k, x, jnp.ones((1,)), labels)['params'])(
+      jax.random.key(0))
+
+
 def sampling(rec, args):
   n_big = 4 if args.smoke else 64
   exp = _experiment(_config(args, 'sct', n_big))
-  x = jnp.zeros((1,) + exp.data_shape)
-  labels1 = jnp.zeros((1,), jnp.int32) if exp.num_classes else None
-  params = jax.jit(lambda k: exp.model.init(k, x, jnp.ones((1,)), labels1)['params'])(
-      jax.random.key(0))
+  params = _random_params(exp)
   key = jax.random.key(0)
   labels = lambda n: (jnp.arange(n) % exp.num_classes) if exp.num_classes else None
   # Model FLOPs first (seconds): the img/s that the bf16 peak allows bounds the target.
@@ -356,5 +326,19 @@ def sampling(rec, args):
                                       t / 1e3, common.peak_flops('bf16')) if t else None)
 
 
+def export(rec, args):
+  """benchmarks.export_latency on the recipe's model with random weights: the exported
+  1- and 2-step generators (jax.export, platform of this device) vs in-process
+  Experiment.sample vs Heun-18 on the same network (the teacher's architecture)."""
+  from benchmarks import export_latency
+  n_big = 4 if args.smoke else 64
+  exp = _experiment(_config(args, 'sct', n_big))
+  params = _random_params(exp)
+  rows = export_latency.measure((exp, params), (exp, params), n_big,
+                                max(2, args.repeats // 2), ode_steps=2 if args.smoke else 18)
+  for r in rows:
+    rec[r['program']] = {k: v for k, v in r.items() if k not in ('latency', 'throughput')}
+
+
 SECTIONS = {'env': env, 'attention': attention, 'ratio': ratio, 'train': train,
-            'sampling': sampling}
+            'sampling': sampling, 'export': export}

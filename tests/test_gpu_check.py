@@ -37,7 +37,8 @@ def test_gpu_check_smoke(tmp_path):
   with open(out) as f:
     report = json.load(f)
   s = report['sections']
-  assert [k for k, v in s.items() if v['status'] == 'ok'] == ['env', 'attention', 'train', 'sampling']
+  assert [k for k, v in s.items() if v['status'] == 'ok'] == ['env', 'attention', 'train',
+                                                               'sampling', 'export']
   assert s['ratio']['status'] == 'timeout' and s['ratio']['cap_s'] == 1
   assert s['env']['platform'] == 'cpu'
   attn = s['attention']
@@ -49,7 +50,16 @@ def test_gpu_check_smoke(tmp_path):
   assert s['train']['model_tflop_per_step'] > 0 and s['train']['mfu'] is None  # no CPU peak
   assert s['sampling']['throughput_f32_params']['img_s'] > 0
   assert s['sampling']['latency_f32_params']['batch'] == 1
+  export = s['export']   # benchmarks/export_latency.py on the smoke model
+  per_step = export['sCM 1-step exported']['nfe']    # 2 with the recipe's CFG, else 1
+  for steps in (1, 2):
+    exported, in_process = export[f'sCM {steps}-step exported'], export[f'sCM {steps}-step in-process']
+    assert exported['nfe'] == in_process['nfe'] == steps * per_step
+    assert exported['latency_ms'] > 0 and exported['img_s'] > 0 and in_process['img_s'] > 0
+    assert exported['latency_speedup_vs_heun'] > 0
+  assert export['teacher Heun-2 exported']['nfe'] == 3 * per_step   # EDM's Heun: 2N - 1
   md = open(os.path.splitext(out)[0] + '.md').read()
+  assert '| exported 2-step, batch 1 / in-process |' in md and '| sCM 2-step exported |' in md
   assert '| MFU of the sCD step |' in md and '| ratio | timeout |' in md
   assert not [p for p in os.listdir(tmp_path) if p.endswith('.part')]
 

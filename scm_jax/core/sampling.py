@@ -70,33 +70,53 @@ def consistency_step(F_fn: FFn, x_t, t, sigma_d):
   return trigflow.consistency_fn(x_t, F_fn(x_t / sigma_d, t), t, sigma_d)
 
 
-def sample_consistency(F_fn: FFn, key, shape, sigma_d: float, times: Sequence[float]):
-  """Multistep consistency sampling (1 step: times=(t_max,); 2 steps: (t_max, 1.1)).
+def consistency_noise(key, shape, num_steps: int):
+  """The standard-normal draws of `num_steps`-step consistency sampling, [num_steps,
+  *shape]: row i from the i-th of jax.random.split(key, num_steps)."""
+  keys = jax.random.split(key, num_steps)
+  return jnp.stack([jax.random.normal(k, shape, jnp.float32) for k in keys])
 
-  x0 = f(sin(t_0) z, t_0); then for each later t: x_t = cos t x0 + sin t z',
-  x0 = f(x_t, t), with fresh z, z' ~ N(0, sigma_d^2 I).
+
+def sample_consistency(F_fn: FFn, key, shape, sigma_d: float, times: Sequence[float]):
+  """Multistep consistency sampling (1 step: times=(t_max,); 2 steps: (t_max, 1.1))
+  with the draws of `consistency_noise(key, shape, len(times))`."""
+  return consistency_from_noise(F_fn, consistency_noise(key, shape, len(times)), sigma_d,
+                                times)
+
+
+def consistency_from_noise(F_fn: FFn, noise, sigma_d: float, times: Sequence[float]):
+  """Multistep consistency sampling from given standard-normal noise [len(times), B, ...].
+
+  x0 = f(sin(t_0) z_0, t_0); then for each later t_i: x_t = cos t_i x0 + sin t_i z_i,
+  x0 = f(x_t, t_i), with z_i = sigma_d noise[i] ~ N(0, sigma_d^2 I).
   """
-  keys = jax.random.split(key, len(times))
-  x = math.sin(times[0]) * sigma_d * jax.random.normal(keys[0], shape, jnp.float32)
+  x = math.sin(times[0]) * sigma_d * noise[0]
   x0 = consistency_step(F_fn, x, times[0], sigma_d)
-  for k, t in zip(keys[1:], times[1:]):
-    z = sigma_d * jax.random.normal(k, shape, jnp.float32)
+  for i, t in enumerate(times[1:], start=1):
+    z = sigma_d * noise[i]
     x_t = jnp.cos(t) * x0 + jnp.sin(t) * z
     x0 = consistency_step(F_fn, x_t, t, sigma_d)
   return x0
 
 
 def sample_segments(F_fn: FFn, key, shape, sigma_d: float, segments: int):
+  """`segments_from_noise` with the draw jax.random.normal(key, shape)."""
+  return segments_from_noise(F_fn, jax.random.normal(key, shape, jnp.float32), sigma_d,
+                             segments)
+
+
+def segments_from_noise(F_fn: FFn, noise, sigma_d: float, segments: int):
   """Sampling a multistep consistency model (loss.segments = M, core/segments.py):
-  z ~ N(0, sigma_d^2 I) at pi/2, then M deterministic DDIM-like jumps along the segment
-  boundaries pi/2 -> s_{M-1} -> ... -> 0, x_s = cos(t - s) x_t - sin(t - s) sigma_d
-  F(x_t / sigma_d, t), each with the network at its segment's end t (as the
-  deterministic sampler of Heek et al. 2024). M = 1 is 1-step consistency sampling.
+  z = sigma_d noise ~ N(0, sigma_d^2 I) at pi/2, then M deterministic DDIM-like jumps
+  along the segment boundaries pi/2 -> s_{M-1} -> ... -> 0, x_s = cos(t - s) x_t -
+  sin(t - s) sigma_d F(x_t / sigma_d, t), each with the network at its segment's end t
+  (as the deterministic sampler of Heek et al. 2024). M = 1 is 1-step consistency
+  sampling.
   """
   ts = segments_lib.boundaries(segments)
-  x = sigma_d * jax.random.normal(key, shape, jnp.float32)
+  x = sigma_d * noise
   for t, s in zip(ts[:0:-1], ts[-2::-1]):
-    tb = jnp.full((shape[0],), t, jnp.float32)
+    tb = jnp.full((x.shape[0],), t, jnp.float32)
     x = segments_lib.jump(x, F_fn(x / sigma_d, tb), t, s, sigma_d)
   return x
 
@@ -217,7 +237,16 @@ def pf_ode_nfe(num_steps: int, solver: str) -> int:
 def sample_pf_ode(F_fn: FFn, key, shape, sigma_d: float, num_steps: int,
                   solver: str = 'heun', schedule: str = 'edm',
                   sigma_max: float = DEFAULT_SIGMA_MAX, return_trajectory: bool = False):
-  """Teacher sampling: x = sin(t_max) z, z ~ N(0, sigma_d^2 I), integrated to t = 0."""
+  """`pf_ode_from_noise` with the draw jax.random.normal(key, shape)."""
+  return pf_ode_from_noise(F_fn, jax.random.normal(key, shape, jnp.float32), sigma_d,
+                           num_steps, solver, schedule, sigma_max, return_trajectory)
+
+
+def pf_ode_from_noise(F_fn: FFn, noise, sigma_d: float, num_steps: int,
+                      solver: str = 'heun', schedule: str = 'edm',
+                      sigma_max: float = DEFAULT_SIGMA_MAX, return_trajectory: bool = False):
+  """Teacher sampling: x = sin(t_max) z, z = sigma_d noise ~ N(0, sigma_d^2 I) (noise
+  standard normal [B, ...]), integrated to t = 0."""
   ts = pf_ode_times(num_steps, sigma_d, schedule, sigma_max=sigma_max)
-  z = sigma_d * jax.random.normal(key, shape, jnp.float32)
+  z = sigma_d * noise
   return solve_pf_ode(F_fn, jnp.sin(ts[0]) * z, ts, sigma_d, solver, return_trajectory)

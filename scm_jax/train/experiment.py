@@ -172,11 +172,14 @@ class Experiment:
 
   # ------------------------------------------------------------------ sampling
 
-  def F_fn(self, params, labels=None, guidance: float = 1.0):
+  def F_fn(self, params, labels=None, guidance: float = 1.0, scales=None):
     """F(x_scaled, t) with params and labels bound. guidance != 1: the input s of a
     guidance-conditioned student (one evaluation), else classifier-free guidance on the
-    outputs (the null class mixed in, two evaluations; see core.teachers.guided)."""
+    outputs (the null class mixed in, two evaluations; see core.teachers.guided).
+    `scales` (an array, e.g. [B]) replaces the fixed `guidance` at every call."""
     F_apply = teachers.from_flax_model(self.model, guidance if labels is not None else 1.0)
+    if scales is not None:
+      return lambda x, t: F_apply(params, x, t, labels, guidance=scales)
     return lambda x, t: F_apply(params, x, t, labels)
 
   def evaluations_per_step(self, guidance: float) -> int:
@@ -195,27 +198,54 @@ class Experiment:
     counts = tuple(c.steps)
     return float(scales[counts.index(steps)] if steps in counts else scales[-1])
 
+  def _fresh_noise_per_step(self, method: str) -> bool:
+    return method == 'consistency' and self.config.loss.get('segments', 1) == 1
+
+  def noise_count(self, method: str, steps: int) -> int:
+    """Standard-normal draws of shape [B, *data_shape] a sampler takes: one per step of
+    consistency sampling, one for the PF-ODE and for multistep (segments) models."""
+    return steps if self._fresh_noise_per_step(method) else 1
+
+  def sampling_noise(self, key, num: int, method: str, steps: int) -> jax.Array:
+    """The noise `sample` draws from `key`: [noise_count, num, *data_shape]."""
+    shape = (num,) + self.data_shape
+    if self._fresh_noise_per_step(method):
+      return sampling.consistency_noise(key, shape, steps)
+    return jax.random.normal(key, shape, jnp.float32)[None]
+
+  def sampler_fn(self, method: str, steps: int, guidance: float = 1.0,
+                 solver: str = 'heun') -> Callable:
+    """The sampler as a pure function of its noise, run(params, noise, labels=None,
+    scales=None) -> samples [B, *data_shape]: noise [noise_count, B, *data_shape]
+    standard normal; `scales` [B] the per-example input s of a guidance-conditioned
+    student (else `guidance` is fixed). What `sample` jits, and what scm_jax.export
+    serializes."""
+    c = self.config
+    sd = c.trigflow.sigma_d
+    segments = c.loss.get('segments', 1)
+    if method == 'consistency' and segments > 1 and steps != segments:
+      raise ConfigError(f'this model has loss.segments={segments}: it samples in exactly '
+                        f'{segments} consistency steps (--steps={segments}), got {steps}.')
+    sigma_max = c.sample.get('sigma_max', sampling.DEFAULT_SIGMA_MAX)
+
+    def run(params, noise, labels=None, scales=None):
+      F_fn = self.F_fn(params, labels, guidance, scales)
+      if method == 'consistency' and segments > 1:
+        return sampling.segments_from_noise(F_fn, noise[0], sd, segments)
+      if method == 'consistency':
+        times = sampling.consistency_times(steps, c.sample.t_mid,
+                                           t_start=sampling.t_max(sd, sigma_max))
+        return sampling.consistency_from_noise(F_fn, noise, sd, times)
+      return sampling.pf_ode_from_noise(F_fn, noise[0], sd, steps, solver,
+                                        c.sample.ode_schedule, sigma_max)
+    return run
+
   def _sampler(self, num: int, method: str, steps: int, guidance: float, solver: str):
     cache_key = (num, method, steps, guidance, solver)
     if cache_key not in self._samplers:
-      c, shape = self.config, (num,) + self.data_shape
-      sd = c.trigflow.sigma_d
-      segments = c.loss.get('segments', 1)
-      if method == 'consistency' and segments > 1 and steps != segments:
-        raise ConfigError(f'this model has loss.segments={segments}: it samples in exactly '
-                          f'{segments} consistency steps (--steps={segments}), got {steps}.')
-      sigma_max = c.sample.get('sigma_max', sampling.DEFAULT_SIGMA_MAX)
-
-      def run(params, key, labels):
-        F_fn = self.F_fn(params, labels, guidance)
-        if method == 'consistency' and segments > 1:
-          return sampling.sample_segments(F_fn, key, shape, sd, segments)
-        if method == 'consistency':
-          times = sampling.consistency_times(steps, c.sample.t_mid,
-                                             t_start=sampling.t_max(sd, sigma_max))
-          return sampling.sample_consistency(F_fn, key, shape, sd, times)
-        return sampling.sample_pf_ode(F_fn, key, shape, sd, steps, solver,
-                                      c.sample.ode_schedule, sigma_max)
+      fn = self.sampler_fn(method, steps, guidance, solver)
+      run = lambda params, key, labels: fn(
+          params, self.sampling_noise(key, num, method, steps), labels)
       # Split the samples over the mesh when they divide evenly (evaluation batches).
       out = sharding_lib.batch_sharding(self.mesh) if num % self.mesh.size == 0 else None
       self._samplers[cache_key] = jax.jit(run, out_shardings=out)

@@ -187,19 +187,25 @@ def create_train_state(c: ml_collections.ConfigDict, model, data_shape, key,
                     aux_params=aux_params, aux_opt_state=aux_opt_state)
 
 
+def params_name(state: TrainState, which: str = '', config=None) -> str:
+  """The weights `pick_params(state, which, config)` returns: 'params' or an EMA name."""
+  if which == 'params' or (not which and not state.ema):
+    return 'params'
+  if not which:
+    names = [n for n in ema_names(config) if n in state.ema] if config else []
+    return (names or state_ema_order(state))[0]
+  if which not in state.ema:
+    raise ConfigError(f'no EMA named {which!r}; this run keeps {state_ema_order(state)} '
+                      "(or use 'params' for the raw weights).")
+  return which
+
+
 def pick_params(state: TrainState, which: str = '', config=None):
   """Parameters for sampling: 'params' = raw weights, '' = the first EMA (raw weights if
   the run keeps none), anything else an EMA name. "First" is in config order
   (config.ema.decays, then sigma_rels) when `config` is given, else state_ema_order."""
-  if which == 'params' or (not which and not state.ema):
-    return state.params
-  if not which:
-    names = [n for n in ema_names(config) if n in state.ema] if config else []
-    return state.ema[(names or state_ema_order(state))[0]]
-  if which not in state.ema:
-    raise ConfigError(f'no EMA named {which!r}; this run keeps {state_ema_order(state)} '
-                      "(or use 'params' for the raw weights).")
-  return state.ema[which]
+  name = params_name(state, which, config)
+  return state.params if name == 'params' else state.ema[name]
 
 
 def state_ema_order(state: TrainState) -> list[str]:

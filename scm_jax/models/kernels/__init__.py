@@ -7,7 +7,7 @@ See `models.attention` for the entry point the models call.
 from scm_jax.models.kernels.blockwise import FLASH_BLOCK
 from scm_jax.models.kernels.pallas import DEFAULT_BLOCKS, attention_jvp
 from scm_jax.models.kernels.tangent import (KERNELS, PRIMALS, attention_tangent,
-                                            cudnn_supported, primal_fn)
+                                            cudnn_supported, portable_kernels, primal_fn)
 
 __all__ = ['DEFAULT_BLOCKS', 'FLASH_BLOCK', 'KERNELS', 'PRIMALS', 'attention_jvp',
-           'attention_tangent', 'cudnn_supported', 'primal_fn']
+           'attention_tangent', 'cudnn_supported', 'portable_kernels', 'primal_fn']

@@ -19,6 +19,8 @@ dim a multiple of 8 and <= 128), XLA (`implementation=None`, what JAX picks on C
 TPU) and the blockwise forward.
 """
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -52,9 +54,26 @@ def primal_fn(name: str, block_k: int = 0):
   return PRIMALS[name]
 
 
+# Set by `portable_kernels` (a context, per thread): read when a model is traced.
+_PORTABLE = contextvars.ContextVar('scm_jax_portable_kernels', default=False)
+
+
+@contextlib.contextmanager
+def portable_kernels():
+  """Within this context, traced models pick no cuDNN attention: a program exported
+  with jax.export for several platforms (or kept for later JAX versions) must not hold
+  cuDNN's custom call, which only CUDA lowers and jax.export does not keep stable.
+  Fresh `jax.jit`s only: an existing one may reuse a trace made outside."""
+  token = _PORTABLE.set(True)
+  try:
+    yield
+  finally:
+    _PORTABLE.reset(token)
+
+
 def cudnn_supported(q: jax.Array) -> bool:
   """Whether cuDNN flash attention takes q (and same-shaped k, v) on this backend."""
-  if jax.default_backend() != 'gpu':
+  if jax.default_backend() != 'gpu' or _PORTABLE.get():
     return False
   if 'rocm' in jax.devices()[0].client.platform_version.lower():
     return False
