@@ -256,6 +256,7 @@ class Plan:
   per_device_batch: int
   state: dict                  # part -> bytes per device (gradients at k = 1)
   policies: dict               # policy -> PolicyPlan
+  num_params: int = 0          # trainable parameters of the model (the network, not EMAs)
   compiled: Optional[dict] = None
 
 
@@ -274,7 +275,9 @@ def make_plan(config, num_devices: int, device_gib: float, usable: float = 0.9,
   per_device = config.train.batch_size // step_lib.batch_shards(mesh)
   c1 = config.copy_and_resolve_references()
   c1.train.microbatches = 1
-  state = state_parts(c1, abstract_train_state(config, model, data_shape), mesh)
+  abstract = abstract_train_state(config, model, data_shape)
+  state = state_parts(c1, abstract, mesh)
+  num_params = sum(math.prod(l.shape) for l in jax.tree.leaves(abstract.params))
   budget = int(device_gib * GIB * usable)
   fixed = lambda k: sum(state.values()) + (state['params'] if k > 1 else 0)  # + accumulator
   plans = {}
@@ -287,7 +290,7 @@ def make_plan(config, num_devices: int, device_gib: float, usable: float = 0.9,
     max_m = max((budget - fixed(2) - act.bytes(0)) // slope, 0) if slope else per_device
     peak = fixed(k or per_device) + act.bytes(per_device // (k or per_device))
     plans[policy] = PolicyPlan(act, int(max_m), k, peak)
-  return Plan(num_devices, budget, per_device, state, plans)
+  return Plan(num_devices, budget, per_device, state, plans, num_params)
 
 
 def _gib(b) -> str:
@@ -297,7 +300,8 @@ def _gib(b) -> str:
 def format_plan(plan: Plan, config) -> str:
   """The plan as Markdown tables (GiB per device) and the overrides that fit."""
   c = config
-  lines = [f'{plan.num_devices} devices, {_gib(plan.device_bytes)} GiB usable each; '
+  lines = [f'model.name={c.model.name!r}: {plan.num_params / 1e6:.1f}M parameters', '',
+           f'{plan.num_devices} devices, {_gib(plan.device_bytes)} GiB usable each; '
            f'global batch {c.train.batch_size} = {plan.per_device_batch} per device; '
            f'sharding.strategy={c.sharding.strategy!r}, mesh {dict(c.mesh)}', '',
            '| state (per device) | GiB |', '|---|---|']
