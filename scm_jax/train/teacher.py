@@ -110,9 +110,27 @@ def load_guide(workdir: str, ema: str, step: int, main_config, data_shape,
     raise ConfigError(f'{field}: the guide has model.num_classes={guide_classes} but the '
                       f'teacher has {classes}; a guide is unconditional (num_classes=0, '
                       "EDM2's CFG guide) or has the teacher's classes (autoguidance).")
+  saved = _saved_data_shape(workdir, step)
+  if saved and saved != tuple(data_shape):
+    raise ConfigError(f'{field}: the guide was trained on data of shape {saved} but the '
+                      f'teacher on {tuple(data_shape)}; a guiding network must be trained '
+                      "on the teacher's data.")
   model, params = load_weights(workdir, gc, data_shape, ema, step, field,
                                fix="A guiding network is trained on the teacher's data.")
   return Guide(model, params, guide_classes > 0)
+
+
+def _saved_data_shape(workdir: str, step: int) -> tuple:
+  """The data shape recorded with checkpoint `step` (-1: the newest) of `workdir`; ()
+  when there is none to read (restoring it then says why)."""
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt.latest_step() if step < 0 else step
+    if step is None or step not in ckpt.steps():
+      return ()
+    return tuple(ckpt.read_meta(step).get('data_shape', ()))
+  finally:
+    ckpt.close()
 
 
 def guided_teacher(model, params, guidance: float, guide: Optional[Guide] = None):
