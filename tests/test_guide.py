@@ -98,7 +98,8 @@ def test_teacher_drift_with_a_guide_network_is_the_formula(teacher_dir, guide_di
 
 def test_unconditional_teacher_with_a_guide(guide_dir):
   """Autoguidance needs no labels: an unconditional teacher guided by a guide (here its
-  own slow EMA) is allowed with guidance != 1; without a guide it is refused."""
+  own slow EMA) is allowed with guidance != 1, also for a guidance-conditioned student;
+  without a guide it is refused."""
   model, main = _weights(guide_dir, 'pema_0.05')
   _, raw = _weights(guide_dir, 'ema_0.999')
   c = tiny(toy2d_scd.get_config(), num_classes=0)
@@ -109,6 +110,20 @@ def test_unconditional_teacher_with_a_guide(guide_dir):
   assert float(jnp.abs(F_g - F_m).max()) > 0.05
   np.testing.assert_allclose(Experiment(c).teacher.dxdt_fn(0.5 * X, T, None),
                              0.5 * (F_g + 2.0 * (F_m - F_g)), atol=1e-5)
+  # An unconditional guidance-conditioned student: its input s reaches the model when
+  # sampling without labels (a non-zero guidance embedding makes s matter).
+  c2 = c.copy_and_resolve_references()
+  c2.teacher.update(guidance=1.0, guidance_max=3.0)
+  c2.model.guidance_embed = True
+  exp = Experiment(c2)
+  s = jnp.linspace(1.0, 3.0, 16)
+  np.testing.assert_allclose(exp.teacher.dxdt_fn(0.5 * X, T, None, guidance=s),
+                             0.5 * (F_g + s[:, None] * (F_m - F_g)), atol=1e-5)
+  params = exp.init_state().params
+  params['cond']['guidance']['kernel'] = params['cond']['guidance']['kernel'] + 0.5
+  assert exp.evaluations_per_step(2.0) == 1
+  x2, x1 = (exp.sample(params, 8, 1, guidance=w) for w in (2.0, 1.0))
+  assert float(np.abs(x2 - x1).max()) > 1e-3
   c.teacher.guide_workdir = ''
   with pytest.raises(ConfigError, match='unconditional'):
     Experiment(c).teacher
