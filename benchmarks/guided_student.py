@@ -6,14 +6,15 @@ cycling over the classes) and is compared with the teacher's own guided samples 
 Heun, --ode_steps steps, scale s): classifier-free guidance, or with --guide_workdir the
 teacher guided by that separate guiding network (EDM2's D_guide + s (D - D_guide); the
 guided student was then distilled with the same teacher.guide_workdir). Energy distance
-to those teacher samples; on digits also the Fréchet distance in the digits-classifier
-feature space, FD to the training data and class accuracy.
+to those teacher samples, overall and per class with each cluster centred on its mean
+(its shape: guidance concentrates the classes); on digits also the Fréchet distance in
+the digits-classifier feature space, FD to the training data and class accuracy.
 
     python -m benchmarks.guided_student --teacher=runs/teacher_c --unguided=runs/scd_c \\
         --guided=runs/scd_guided --guidance=1.5 --num=1000
     python -m benchmarks.guided_student --teacher=runs/toy_teacher --unguided=runs/toy_scd \\
-        --guided=runs/toy_autoguided --guide_workdir=runs/toy_guide --guidance=2 --num=2000 \\
-        --out=benchmarks/results/autoguided_student_toy.json
+        --guided=runs/toy_autoguided --guide_workdir=runs/toy_guide --guide_ema=ema_0.999 \\
+        --guidance=1.5 --num=2000 --out=benchmarks/results/autoguided_student_toy.json
 """
 
 import argparse
@@ -25,7 +26,7 @@ import numpy as np
 
 from scm_jax.evaluation import fid
 from scm_jax.evaluation.generate import reference_data
-from scm_jax.evaluation.sample_metrics import energy_distance
+from scm_jax.evaluation.sample_metrics import class_centered_energy_distance, energy_distance
 from scm_jax.train.experiment import load_experiment
 
 
@@ -81,8 +82,10 @@ def main():
   rows = []
 
   def add(name, nfe, x):
-    rows.append(dict(model=name, nfe=nfe, ed_to_teacher=energy_distance(flat(x), flat(ref)),
-                     **(extra(x, labels) if extra else {})))
+    row = dict(model=name, nfe=nfe, ed_to_teacher=energy_distance(flat(x), flat(ref)))
+    if labels is not None:  # the shape of each class's cluster (guidance concentrates them)
+      row['class_centered_ed'] = class_centered_energy_distance(x, ref, labels, labels)
+    rows.append(dict(row, **(extra(x, labels) if extra else {})))
     print(rows[-1], flush=True)
 
   how = 'guide network' if args.guide_workdir else 'CFG'
@@ -102,7 +105,8 @@ def main():
     add(f'unguided student {steps}-step, no guidance', steps,
         u_exp.sample(u_state, args.num, steps, key=key2, labels=labels, guidance=1.0))
 
-  columns = [k for k in ('ed_to_teacher', 'fd_to_teacher', 'fd_to_data', 'accuracy')
+  columns = [k for k in ('ed_to_teacher', 'class_centered_ed', 'fd_to_teacher', 'fd_to_data',
+                         'accuracy')
              if k in rows[0]]
   print(f'\n| model | NFE | ' + ' | '.join(columns) + ' |')
   print('|---|---|' + '---|' * len(columns))

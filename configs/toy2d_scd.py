@@ -20,7 +20,7 @@ stage 'guide' trains that guide (width 32, 300 steps; add the teacher's
 --config.model.num_classes); the student then takes
 --config.teacher.guide_workdir=runs/toy_guide --config.teacher.guidance=W (or a
 guidance-conditioned student: --config.model.guidance_embed=True
---config.teacher.guidance_max=3).
+--config.teacher.guidance_max=2).
 """
 
 from configs import toy2d_diffusion

@@ -150,6 +150,7 @@ def test_guide_settings_are_validated(teacher_dir, guide_dir):
   with pytest.raises(ConfigError, match="guide_ema='nope' of .*no EMA named"):
     Experiment(_student(teacher_dir, guidance=2.0, guide_workdir=guide_dir,
                         guide_ema='nope')).teacher
+  validate_config(toy2d_scd.get_config('guide'))  # the recipe's autoguidance guide
   for changes, message in (({'teacher.guidance': 1.0}, 'use the teacher alone'),
                            ({'loss.kind': 'sct'}, 'guide_workdir guides the teacher of sCD'),
                            ({'teacher.guide_step': -2}, 'guide_step')):
