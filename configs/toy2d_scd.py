@@ -14,6 +14,13 @@ and 'vsd': the sCD + adaptive VSD stage after sCD (add
 Class-conditional variant (ring8 labels are the mode index): add
 --config.model.num_classes=8 to both, --config.loss.label_dropout=0.1 to the teacher and
 --config.teacher.guidance=W to the student.
+
+Autoguidance (EDM2: the teacher guided by a smaller, less-trained version of itself):
+stage 'guide' trains that guide (width 32, 300 steps; add the teacher's
+--config.model.num_classes); the student then takes
+--config.teacher.guide_workdir=runs/toy_guide --config.teacher.guidance=W (or a
+guidance-conditioned student: --config.model.guidance_embed=True
+--config.teacher.guidance_max=2).
 """
 
 from configs import toy2d_diffusion
@@ -29,12 +36,18 @@ def _power_ema(c):
   return c
 
 
-STAGES = ('teacher', 'student', 'multistep2', 'multistep4', 'discrete', 'vsd')
+STAGES = ('teacher', 'guide', 'student', 'multistep2', 'multistep4', 'discrete', 'vsd')
 
 
 def get_config(stage: str = 'student'):
   if stage == 'teacher':
     return _power_ema(toy2d_diffusion.get_config())
+  if stage == 'guide':  # autoguidance: a smaller, shorter-trained teacher
+    c = _power_ema(toy2d_diffusion.get_config())
+    c.model.width = 32
+    c.train.num_steps = 300
+    c.train.ckpt_every = c.train.sample_every = 300
+    return c
   if stage not in STAGES:
     raise ValueError(f'unknown stage {stage!r}; use configs/toy2d_scd.py[:{"|".join(STAGES)}]')
   c = _power_ema(toy2d_sct.get_config())

@@ -63,12 +63,15 @@ def int_list_flag(name: str, minimum: int = 0) -> None:
                            f'>= {minimum}, e.g. --{name}={minimum},{minimum + 1}')
 
 
-def check_conditioning(num_classes: int, guidance=None, labels=None) -> None:
+def check_conditioning(num_classes: int, guidance=None, labels=None,
+                       guided_otherwise: bool = False) -> None:
   """ConfigError unless --guidance / --labels fit the model: both need a class-
-  conditional model, and labels must be among its classes."""
-  if not num_classes and guidance not in (None, 1.0):
-    raise ConfigError(f'--guidance={guidance:g} needs a class-conditional model; this one is '
-                      'unconditional (num_classes=0): drop --guidance.')
+  conditional model (--guidance not when `guided_otherwise`: a guidance input or a
+  guiding network), and labels must be among its classes."""
+  if not num_classes and guidance not in (None, 1.0) and not guided_otherwise:
+    raise ConfigError(f'--guidance={guidance:g} needs a class-conditional model (or a '
+                      '--guide_workdir); this one is unconditional (num_classes=0): drop '
+                      '--guidance.')
   if labels:
     if not num_classes:
       raise ConfigError('--labels given, but this model is unconditional (num_classes=0).')
@@ -76,6 +79,25 @@ def check_conditioning(num_classes: int, guidance=None, labels=None) -> None:
     if bad:
       raise ConfigError(f'--labels must be in [0, {num_classes - 1}] for this model; got '
                         f'{bad[:5]}.')
+
+
+def define_guide_flags():
+  """--guide_workdir / --guide_ema / --guide_step of the sampling CLIs (a diffusion
+  model's PF-ODE guided by a separate guiding network, EDM2-style; Experiment.use_guide)."""
+  return (flags.DEFINE_string('guide_workdir', '', 'Diffusion models: a guiding network\'s '
+                              'workdir; --guidance=W then gives D_guide + W (D - D_guide) '
+                              'instead of CFG.'),
+          flags.DEFINE_string('guide_ema', '', "The guide's weights ('' = its first EMA, "
+                              "'params' = raw)."),
+          flags.DEFINE_integer('guide_step', -1, "The guide's checkpoint step (-1 = newest).",
+                               lower_bound=-1))
+
+
+def use_guide(exp, guide_flags) -> None:
+  """Experiment.use_guide with the values of define_guide_flags' flags, if one is given."""
+  workdir, ema, step = (f.value for f in guide_flags)
+  if workdir:
+    exp.use_guide(workdir, ema, step, field='--guide_workdir')
 
 
 def _parse_flags(argv):

@@ -78,6 +78,10 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.teacher.guidance = 1.0             # classifier-free guidance scale of the teacher
   c.teacher.guidance_max = 1.0         # > 1: guidance-conditioned student (model.guidance_embed),
                                        # trained on the teacher guided by s ~ U[1, guidance_max]
+  c.teacher.guide_workdir = ''         # EDM2-style guiding network (a diffusion workdir; any
+                                       # size): guided D = D_guide + w (D - D_guide), not CFG
+  c.teacher.guide_ema = ''             # its weights: '' = first EMA, 'params' or an EMA name
+  c.teacher.guide_step = -1            # its checkpoint step; -1 = newest (autoguidance: early)
   c.teacher.init_student = True        # student starts from the teacher's weights (paper)
   c.teacher.student_workdir = ''       # scd_vsd: the student starts from this sCD run ...
   c.teacher.student_ema = ''           # ... with these weights ('' = its first EMA)
@@ -231,13 +235,28 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
 
 
 def _check_guidance_student(c: ml_collections.ConfigDict) -> None:
-  """teacher.guidance_max > 1 <=> a guidance-conditioned, class-conditional sCD student."""
+  """teacher.guidance_max > 1 <=> a guidance-conditioned sCD student, class-conditional
+  unless a guiding network guides the teacher; the guide's own fields."""
   s_max, embed = c.teacher.get('guidance_max', 1.0), c.model.get('guidance_embed', False)
+  guide = c.teacher.get('guide_workdir', '')
   _check(s_max >= 1, f'config.teacher.guidance_max must be >= 1, got {s_max}.')
+  if guide:
+    _check(c.loss.kind in losses.DISTILLATION_KINDS,
+           f'config.teacher.guide_workdir guides the teacher of sCD: it needs loss.kind in '
+           f'{losses.DISTILLATION_KINDS}, got {c.loss.kind!r} (a teacher\'s own samples: '
+           'python -m scm_jax.sample --ode=N --guidance=W --guide_workdir=DIR).')
+    _check(c.teacher.guidance != 1.0 or s_max > 1,
+           'config.teacher.guide_workdir is set but teacher.guidance=1 and guidance_max=1 '
+           'use the teacher alone: set teacher.guidance (e.g. 2) or guidance_max > 1, or '
+           'drop guide_workdir.')
+    step = c.teacher.get('guide_step', -1)
+    _check(isinstance(step, int) and step >= -1,
+           f'config.teacher.guide_step must be a checkpoint step or -1 (newest), got {step}.')
   if s_max > 1:
-    _check(c.loss.kind == 'scd' and embed and c.model.get('num_classes', 0) > 0,
+    _check(c.loss.kind == 'scd' and embed and (c.model.get('num_classes', 0) > 0 or guide),
            f'config.teacher.guidance_max={s_max} trains a guidance-conditioned student: it '
-           "needs loss.kind='scd', model.guidance_embed=True and a class-conditional model.")
+           "needs loss.kind='scd', model.guidance_embed=True and a class-conditional model "
+           '(or a guiding network, teacher.guide_workdir).')
   elif embed:
     _check(False, 'config.model.guidance_embed=True needs config.teacher.guidance_max > 1 '
            '(the paper: 2) so that the student learns its guidance input.')

@@ -8,8 +8,10 @@ data (the config's data source, split --ref_split) or published statistics
 --metrics=fid,fd_dinov2 --inception_weights=... --dinov2_weights=... (one table).
 
 --steps are consistency steps for sCT/sCD models and PF-ODE steps (--solver: euler,
-ddim, heun = EDM's Heun, dpmpp_2m) for diffusion teachers. Results go to DIR/eval/metrics_<ckpt step>.json (entries of earlier
-runs at that step are kept) and TensorBoard (DIR/eval/tb, tags <sampler>/<metric>).
+ddim, heun = EDM's Heun, dpmpp_2m) for diffusion teachers (--guidance: CFG, or with
+--guide_workdir a separate guiding network, EDM2-style). Results go to
+DIR/eval/metrics_<ckpt step>.json (entries of earlier runs at that step are kept) and
+TensorBoard (DIR/eval/tb, tags <sampler>/<metric>).
 Metrics: see scm_jax/evaluation/evaluator.py (`auto`: by data shape; FID needs
 --inception_weights, see scm_jax/evaluation/convert_inception.py; FD_DINOv2 needs
 --dinov2_weights, see scm_jax/evaluation/convert_dinov2.py).
@@ -59,6 +61,7 @@ _REF_NUM = flags.DEFINE_integer('ref_num', 0, 'Reference samples (0 = the whole 
 _PR_K = flags.DEFINE_integer('pr_k', 3, 'k of k-NN precision / recall.', lower_bound=1)
 _QUANTIZE = flags.DEFINE_bool('quantize', True, 'Round samples to 8 bits before Inception '
                               'and DINOv2 (as images saved to PNG).')
+_GUIDE = cli.define_guide_flags()
 flags.mark_flags_as_required(['workdir'])
 cli.int_list_flag('steps', minimum=1)
 
@@ -86,9 +89,12 @@ def main(argv):
 
   from scm_jax.train import workdir as workdir_lib
   # Checked on the saved config before anything is built, sampled or written.
-  cli.check_conditioning(int(workdir_lib.load_config(_WORKDIR.value).model.get(
-      'num_classes', 0)), _GUIDANCE.value)
+  model_config = workdir_lib.load_config(_WORKDIR.value).model
+  cli.check_conditioning(int(model_config.get('num_classes', 0)), _GUIDANCE.value,
+                         guided_otherwise=bool(_GUIDE[0].value or model_config.get(
+                             'guidance_embed', False)))
   exp, state = experiment.load_experiment(_WORKDIR.value, step=_CKPT_STEP.value)
+  cli.use_guide(exp, _GUIDE)
   step = int(state.step)
   c = exp.config
   metrics = _METRICS.value
@@ -133,7 +139,9 @@ def main(argv):
       # A non-default --ema or guidance is part of the name: runs with different
       # weights or guidance sit side by side in the same metrics file.
       name = sampler.name + (f'@{_EMA.value}' if _EMA.value else '') + (
-          f'@w{guidance:g}' if guidance != 1.0 else '')
+          f'@w{guidance:g}' if guidance != 1.0 else '') + (
+          f'@guide_{os.path.basename(os.path.normpath(_GUIDE[0].value))}'
+          if _GUIDE[0].value and guidance != 1.0 else '')
       results[name] = values
       writer.write_scalars(step, {f'{name}/{k}': v for k, v in values.items()})
   finally:
@@ -141,6 +149,8 @@ def main(argv):
 
   settings = {'metrics': metrics, 'num': _NUM.value, 'seed': _SEED.value,
               'ema': _EMA.value or c.sample.ema or 'default', 'guidance': _GUIDANCE.value,
+              'guide_workdir': _GUIDE[0].value, 'guide_ema': _GUIDE[1].value,
+              'guide_step': _GUIDE[2].value,
               'ref_stats': _REF_STATS.value, 'ref_stats_dinov2': _REF_STATS_DINOV2.value,
               'ref_split': ref_split,
               'ref_num': None if reference is None else len(reference), 'pr_k': _PR_K.value}

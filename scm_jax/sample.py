@@ -3,8 +3,9 @@
 Writes FILE.npz (key 'x', plus 'label' for conditional models) and FILE.png (an image
 grid, or a scatter plot for 2-D data). Consistency models use 1/2/.. -step consistency
 sampling; --ode=N integrates the PF-ODE with N steps of --solver instead (teachers:
-euler | ddim | heun (EDM's, NFE 2N - 1) | dpmpp_2m). Sampling starts at
-t_max = arctan(config.sample.sigma_max / sigma_d).
+euler | ddim | heun (EDM's, NFE 2N - 1) | dpmpp_2m), guided by --guidance: CFG, or with
+--guide_workdir a separate guiding network (EDM2's D_guide + w (D - D_guide)). Sampling
+starts at t_max = arctan(config.sample.sigma_max / sigma_d).
 """
 
 import os
@@ -37,6 +38,7 @@ _CKPT_STEP = flags.DEFINE_integer('ckpt_step', None, 'Checkpoint step (default n
                                   lower_bound=0)
 _VAE = flags.DEFINE_string('vae', None, 'Latent models: VAE weights to decode the samples '
                            "with (default config.vae.path; '' = keep latents).")
+_GUIDE = cli.define_guide_flags()
 flags.mark_flags_as_required(['workdir'])
 cli.int_list_flag('labels')
 
@@ -48,8 +50,10 @@ def main(argv):
 
   from scm_jax.train import workdir as workdir_lib
   # Checked on the saved config before anything is built or written.
-  cli.check_conditioning(int(workdir_lib.load_config(_WORKDIR.value).model.get(
-      'num_classes', 0)), _GUIDANCE.value, _LABELS.value)
+  model_config = workdir_lib.load_config(_WORKDIR.value).model
+  cli.check_conditioning(int(model_config.get('num_classes', 0)), _GUIDANCE.value,
+                         _LABELS.value, bool(_GUIDE[0].value or model_config.get(
+                             'guidance_embed', False)))
   overrides = {}
   if _T_MID.value is not None:
     overrides['sample.t_mid'] = _T_MID.value
@@ -58,6 +62,7 @@ def main(argv):
   if _VAE.value is not None:
     overrides['vae.path'] = _VAE.value
   exp, state = experiment.load_experiment(_WORKDIR.value, overrides, _CKPT_STEP.value)
+  cli.use_guide(exp, _GUIDE)
   labels = None
   if _LABELS.value:
     labels = np.resize(np.array([int(v) for v in _LABELS.value]), _NUM.value)

@@ -119,6 +119,26 @@ def test_energy_distance_matches_cdist_computation():
   assert abs(same) < 0.2 * want
 
 
+def test_class_centered_energy_distance_sees_cluster_shape_not_position():
+  """Per class, each set centred on its own mean: moving the clusters changes nothing,
+  shrinking them does; the value is the mean of the per-class energy distances."""
+  rng = np.random.default_rng(7)
+  labels = np.arange(400) % 4
+  centers = rng.normal(size=(4, 2)) * 3
+  x = centers[labels] + 0.5 * rng.normal(size=(400, 2))
+  y = centers[labels] + 0.5 * rng.normal(size=(400, 2))
+  moved = y + rng.normal(size=(4, 2))[labels]
+  ed = sample_metrics.class_centered_energy_distance
+  np.testing.assert_allclose(ed(x, moved, labels, labels), ed(x, y, labels, labels), atol=1e-12)
+  assert sample_metrics.energy_distance(x, moved) > 10 * abs(ed(x, y, labels, labels))
+  shrunk = centers[labels] + 0.1 * rng.normal(size=(400, 2))
+  by_class = [sample_metrics.energy_distance(x[labels == k] - x[labels == k].mean(0),
+                                             shrunk[labels == k] - shrunk[labels == k].mean(0))
+              for k in range(4)]
+  np.testing.assert_allclose(ed(x, shrunk, labels, labels), np.mean(by_class), rtol=1e-12)
+  assert ed(x, shrunk, labels, labels) > 10 * abs(ed(x, y, labels, labels))
+
+
 def test_sliced_wasserstein_one_dim_equals_w2_and_gaussian_shift():
   rng = np.random.default_rng(6)
   x, y = rng.normal(size=(1000, 1)), 2.0 * rng.normal(size=(1000, 1)) + 1.0

@@ -111,6 +111,49 @@ def test_guidance_mixes_conditional_and_null_outputs():
   np.testing.assert_allclose(F_s, F_u + s[:, None] * (F_c - F_u), atol=1e-6)
 
 
+def _guide_model(params, x, t, labels=None):
+  """Another toy F with its own parameter structure: a conditional guide uses the
+  labels (autoguidance), an unconditional one (EDM2's CFG guide) gets labels=None."""
+  out = params['a'] * jnp.sin(x) + params['b'] * t[:, None]
+  return out if labels is None else out + 0.3 * labels[:, None].astype(jnp.float32)
+
+
+def test_guidance_by_a_guiding_network_is_the_edm2_formula_in_F_and_in_D():
+  """D = D_guide + w (D_main - D_guide) (EDM2), computed on F: for a conditional and an
+  unconditional guide, a fixed and a per-example w; the denoisers x0 = cos t x_t -
+  sin t sigma_d F of the two networks mix the same way; w = 1 never runs the guide."""
+  main = jnp.array([[1.0, -1.0], [0.5, 2.0], [0.0, 0.0]])
+  guide = {'a': jnp.array([0.7, -0.2]), 'b': jnp.float32(1.3)}
+  params = {'main': main, 'guide': guide}
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 2))
+  t, labels = jnp.array([0.2, 0.7, 1.1, 1.5]), jnp.array([0, 1, 1, 0])
+  F_m = _label_model(main, x, t, labels)
+  w_each = jnp.array([0.0, 1.5, 2.0, 3.0])
+  for conditional in (True, False):
+    F_g = _guide_model(guide, x, t, labels if conditional else None)
+    assert float(jnp.abs(F_g - F_m).max()) > 0.1
+    for fixed, w in ((2.5, 2.5), (1.0, w_each)):
+      F = teachers.guided_by_network(_label_model, _guide_model, fixed, conditional)
+      got = F(params, x, t, labels, guidance=None if fixed != 1.0 else w)
+      np.testing.assert_allclose(got, F_g + jnp.reshape(w, (-1, 1)) * (F_m - F_g), atol=1e-6)
+      D = lambda F_: trigflow.x0_from_F(SD * x, F_, t, SD)
+      np.testing.assert_allclose(D(got), D(F_g) + jnp.reshape(w, (-1, 1)) * (D(F_m) - D(F_g)),
+                                 atol=1e-6)
+  calls = []
+  counting = lambda p, x, t, l: calls.append(1) or _guide_model(p, x, t, l)
+  F1 = teachers.guided_by_network(_label_model, counting, 1.0)(params, x, t, labels)
+  np.testing.assert_array_equal(F1, F_m)
+  assert not calls
+  # The drift of a guided teacher carries both networks' weights as leaves.
+  drift = teachers.make_dxdt_fn(teachers.guided_by_network(_label_model, _guide_model, 2.0),
+                                params, SD)
+  assert len(jax.tree_util.tree_leaves(drift)) == 3
+  np.testing.assert_allclose(
+      drift(SD * x, t, labels),
+      SD * (_guide_model(guide, x, t, labels) + 2.0 * (F_m - _guide_model(guide, x, t, labels))),
+      atol=1e-6)
+
+
 def test_drift_carries_teacher_params_as_jit_arguments():
   """The teacher's weights are pytree leaves of the drift, so jit takes them as
   arguments: the program does not grow with the teacher and is reused across teachers."""

@@ -9,9 +9,10 @@ functions in the params-first form of Flax's `apply`:
 Wrappers turn an EDM denoiser, a VP epsilon-prediction model or a flow-matching velocity
 model into that form through its data prediction x0_hat at the point with the same
 signal-to-noise ratio (Sec. 3; conversions in `trigflow`). `guided` adds classifier-free
-guidance in F-space, and `make_dxdt_fn` binds the parameters into the drift the loss
-takes, as a `jax.tree_util.Partial`: the teacher's parameters stay pytree leaves, so a
-jitted train step receives them as arguments instead of baking them in as constants.
+guidance in F-space, `guided_by_network` EDM2's guidance by a separate guiding network,
+and `make_dxdt_fn` binds the parameters into the drift the loss takes, as a
+`jax.tree_util.Partial`: the teacher's parameters stay pytree leaves, so a jitted train
+step receives them as arguments instead of baking them in as constants.
 """
 
 import functools
@@ -51,6 +52,17 @@ def _F_from_x0_predictor(x0_fn, sigma_d, sigma_max):
   return F_apply
 
 
+def flax_model_F(model) -> FApply:
+  """A TrigFlow model of this project as F_apply, unguided: F = model(x_scaled, t, labels)[0]
+  (evaluation mode; an unconditional model gets labels=None)."""
+  num_classes = getattr(model, 'num_classes', 0)
+
+  def F_apply(params, x_scaled, t, labels=None):
+    return model.apply({'params': params}, x_scaled, t,
+                       labels if num_classes > 0 else None)[0]
+  return F_apply
+
+
 def from_flax_model(model, guidance: float = 1.0) -> FApply:
   """A TrigFlow model of this project (MLP/U-Net/DiT/EDM2): F = model(x_scaled, t, labels)[0].
 
@@ -68,10 +80,7 @@ def from_flax_model(model, guidance: float = 1.0) -> FApply:
       return model.apply({'params': params}, x_scaled, t, labels,
                          fixed if guidance is None else guidance)[0]
     return F_student
-
-  def F_apply(params, x_scaled, t, labels=None):
-    return model.apply({'params': params}, x_scaled, t,
-                       labels if num_classes > 0 else None)[0]
+  F_apply = flax_model_F(model)
   return guided(F_apply, guidance, num_classes) if num_classes > 0 else F_apply
 
 
@@ -150,6 +159,12 @@ def ddpm_timestep(alpha, alphas_cumprod):
 
 # ---------------------------------------------------------------- guidance
 
+def _extrapolate(F_ref, F_pos, w):
+  """F_ref + w (F_pos - F_ref), w a scalar or one scale per example [B]."""
+  w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (F_pos.shape[0],))
+  return F_ref + trigflow.expand_t(w, F_pos) * (F_pos - F_ref)
+
+
 def guided(F_apply: FApply, guidance: float, null_label: int) -> FApply:
   """Classifier-free guidance in F-space: F_null + w (F_cond - F_null).
 
@@ -166,14 +181,40 @@ def guided(F_apply: FApply, guidance: float, null_label: int) -> FApply:
       return F_apply(params, x_scaled, t, labels)
     if labels is None:
       raise ValueError('classifier-free guidance needs labels')
-    w = fixed if guidance is None else guidance
     n = x_scaled.shape[0]
     null = jnp.full_like(labels, null_label)
     both = F_apply(params, jnp.concatenate([x_scaled, x_scaled]), jnp.concatenate([t, t]),
                    jnp.concatenate([labels, null]))
-    F_c, F_u = both[:n], both[n:]
-    w = trigflow.expand_t(jnp.broadcast_to(jnp.asarray(w, jnp.float32), (n,)), F_c)
-    return F_u + w * (F_c - F_u)
+    return _extrapolate(both[n:], both[:n], fixed if guidance is None else guidance)
+  return F_guided
+
+
+def guided_by_network(F_main: FApply, F_guide: FApply, guidance: float = 1.0,
+                      guide_labels: bool = True) -> FApply:
+  """Guidance by a separate guiding network (EDM2; Karras et al. 2024, "Guiding a
+  diffusion model with a bad version of itself"): D = D_guide + w (D_main - D_guide).
+
+  The TrigFlow denoiser D(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t) is
+  affine in F with coefficients that depend on (x_t, t) only, so at the same point the
+  guided denoiser is that of
+
+      F = F_guide + w (F_main - F_guide),
+
+  and the guided PF-ODE drift is sigma_d F (what sCD distills). The guide is either
+  EDM2's CFG guide, a separate unconditional model (guide_labels=False: it never sees
+  the labels), or its autoguidance guide, a smaller / less-trained conditional model
+  (guide_labels=True: the main model's labels). `params` = {'main': ..., 'guide': ...};
+  a call may pass its own scale `guidance=w` (scalar or [B]) as in `guided`; w = 1 is
+  the main model alone (the guide is not evaluated).
+  """
+  fixed = float(guidance)
+
+  def F_guided(params, x_scaled, t, labels=None, guidance=None):
+    F_m = F_main(params['main'], x_scaled, t, labels)
+    if guidance is None and fixed == 1.0:
+      return F_m
+    F_g = F_guide(params['guide'], x_scaled, t, labels if guide_labels else None)
+    return _extrapolate(F_g, F_m, fixed if guidance is None else guidance)
   return F_guided
 
 

@@ -30,6 +30,18 @@ def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
           - _mean_pairwise_dist(y, y, True))
 
 
+def class_centered_energy_distance(x: np.ndarray, y: np.ndarray, labels_x: np.ndarray,
+                                   labels_y: np.ndarray) -> float:
+  """Mean over the classes of x of the energy distance between that class's samples of
+  x and of y, each centred on its own mean: the shape of every class's cluster (e.g.
+  how concentrated guidance makes it), blind to where the clusters are."""
+  def centred(z, labels, k):
+    z = np.asarray(z, np.float64).reshape(len(z), -1)[np.asarray(labels) == k]
+    return z - z.mean(0)
+  return float(np.mean([energy_distance(centred(x, labels_x, k), centred(y, labels_y, k))
+                        for k in np.unique(labels_x)]))
+
+
 def _w2_sq_sorted(px: np.ndarray, py: np.ndarray) -> np.ndarray:
   """Exact squared W2 between 1-D empirical distributions, per column of sorted samples.
 

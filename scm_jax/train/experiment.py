@@ -62,6 +62,7 @@ class Experiment:
         abstract, self.state_shardings)
     if dxdt_fn is not None or init_params is not None:
       self.teacher = teacher_lib.Teacher(dxdt_fn, init_params)  # fills the cached property
+    self.guide = None  # a guiding network of the PF-ODE samples (use_guide)
     self._samplers = {}
 
   @property
@@ -172,21 +173,47 @@ class Experiment:
 
   # ------------------------------------------------------------------ sampling
 
+  def use_guide(self, workdir: str, ema: str = '', step: int = -1,
+                field: str = 'guide_workdir') -> 'Experiment':
+    """Guides this diffusion model's PF-ODE samples by the guiding network in `workdir`
+    (its `ema` weights at checkpoint `step`, -1 = newest) instead of by CFG: EDM2's
+    D_guide + w (D - D_guide), w = the sampler's guidance (see
+    core.teachers.guided_by_network). Returns self."""
+    if self.config.loss.kind != 'diffusion':
+      raise ConfigError(f'{field}: a guiding network guides a diffusion model, this run has '
+                        f'loss.kind={self.config.loss.kind!r} (to distill a guided teacher: '
+                        '--config.teacher.guide_workdir).')
+    guide = teacher_lib.load_guide(workdir, ema, step, self.config, self.data_shape, field)
+    shardings = sharding_lib.tree_shardings(guide.params, self.mesh, self.config.sharding)
+    self.guide = teacher_lib.Guide(guide.model, jax.device_put(guide.params, shardings),
+                                   guide.conditional)
+    self._samplers = {}
+    return self
+
   def F_fn(self, params, labels=None, guidance: float = 1.0, scales=None):
     """F(x_scaled, t) with params and labels bound. guidance != 1: the input s of a
     guidance-conditioned student (one evaluation), else classifier-free guidance on the
-    outputs (the null class mixed in, two evaluations; see core.teachers.guided).
+    outputs (the null class mixed in, two evaluations; see core.teachers.guided), or with
+    a guiding network (`use_guide`; params = {'main': ..., 'guide': ...}) its guidance.
     `scales` (an array, e.g. [B]) replaces the fixed `guidance` at every call."""
-    F_apply = teachers.from_flax_model(self.model, guidance if labels is not None else 1.0)
+    if self.guide is not None:
+      F_apply, _ = teacher_lib.guided_teacher(self.model, None, guidance, self.guide)
+    else:
+      embed = getattr(self.model, 'guidance_embed', False)
+      F_apply = teachers.from_flax_model(
+          self.model, guidance if labels is not None or embed else 1.0)
     if scales is not None:
       return lambda x, t: F_apply(params, x, t, labels, guidance=scales)
     return lambda x, t: F_apply(params, x, t, labels)
 
   def evaluations_per_step(self, guidance: float) -> int:
-    """Network evaluations per sampler evaluation: 2 with CFG on the outputs."""
-    cfg = (self.num_classes and guidance != 1.0
-           and not getattr(self.model, 'guidance_embed', False))
-    return 2 if cfg else 1
+    """Network evaluations per sampler evaluation: 2 with CFG on the outputs or with a
+    guiding network (then the second is the guide's)."""
+    if guidance == 1.0:
+      return 1
+    if self.guide is not None:
+      return 2
+    return 2 if self.num_classes and not getattr(self.model, 'guidance_embed', False) else 1
 
   def default_guidance(self, method: str, steps: int) -> float:
     """config.sample.guidance for this sampler: one value for all, or one per entry of
@@ -273,6 +300,8 @@ class Experiment:
     labels = None if labels is None else jnp.asarray(labels, jnp.int32)
     solver = solver or c.sample.ode_solver
     guidance = self.default_guidance(method, steps) if guidance is None else guidance
+    if self.guide is not None:
+      params = {'main': params, 'guide': self.guide.params}
     out = self._sampler(num, method, steps, float(guidance), solver)(params, key, labels)
     return np.asarray(jax.device_get(out))
 
