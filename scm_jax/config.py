@@ -227,6 +227,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check_choice('sample.ode_schedule', c.sample.ode_schedule, sampling.ODE_SCHEDULES)
   _check_choice('sharding.strategy', c.sharding.strategy, sharding.STRATEGIES)
   sharding.check_mesh_config(c.mesh)
+  if 'distributed' in c:  # absent from configs saved before multi-host support
+    distributed_lib.check_config(c.distributed)
   models_lib.check_model_config(c.model)
 
 

@@ -272,10 +272,6 @@ class Checkpointer:
       raise CheckpointError(f'checkpoint step {step} in {self.directory} records no arrays.')
     return shapes
 
-  def reached_preemption(self, step: int) -> bool:
-    """Multi-process: whether JAX's preemption service chose `step` to save at."""
-    return self.manager.reached_preemption(step)
-
   def restore(self, step: int, abstract_state, validate, data=None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` into the shardings of `abstract_state`, and the
     position of the data stream `data` (if given: resuming training).

@@ -191,7 +191,7 @@ def _train(exp: experiment_lib.Experiment, workdir: str,
     while step < c.train.num_steps:
       step += 1
       state, metrics = exp.step(state, next(stream))
-      stop = preempt.stop_requested(step, ckpt)
+      stop = preempt.stop_requested(step)
       failed = guard.check(step, metrics, sync=stop or step == c.train.num_steps)
       if failed is not None:
         # The stream is not rewound: the batches since the restored step are skipped.
