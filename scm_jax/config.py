@@ -96,6 +96,7 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.train.max_rollbacks = 3            # rollbacks not getting past the failing step, then stop
   c.train.handle_signals = True        # SIGTERM/SIGINT: checkpoint after the step, then exit
   c.train.check_resume_config = True   # refuse to resume with other model/data/seed fields
+  c.train.resume_old_format = False    # resume a format-1 checkpoint (infra/formats.py)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num = 64

@@ -165,7 +165,8 @@ def _train(exp: experiment_lib.Experiment, workdir: str,
   """The loop proper, in a prepared and locked workdir."""
   c = exp.config
   is_main = jax.process_index() == 0
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.keep_ckpts)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.keep_ckpts,
+                               resume_old_format=c.train.get('resume_old_format', False))
   validate = _resume_check(exp, workdir)
   stream = exp.stream  # its position comes back with the checkpoint
   state, meta = ckpt.restore_latest(exp.abstract_state, validate, data=stream)
