@@ -58,6 +58,8 @@ def main(argv):
   if _VAE.value is not None:
     overrides['vae.path'] = _VAE.value
   exp, state = experiment.load_experiment(_WORKDIR.value, overrides, _CKPT_STEP.value)
+  if not _OUT.value:  # writes into the workdir
+    workdir_lib.check_links(_WORKDIR.value, ('samples',))
   labels = None
   if _LABELS.value:
     labels = np.resize(np.array([int(v) for v in _LABELS.value]), _NUM.value)
