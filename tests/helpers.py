@@ -174,24 +174,13 @@ def assert_states_equal(a, b):
 # ------------------------------------------------------------- multi-process jobs
 # 2-process jax.distributed jobs on localhost (tests/test_reliability_multihost.py).
 
-def launch_job(workdir, num_processes: int = 2, port: int = 0, **overrides):
+def launch_job(workdir, num_processes: int = 2, **overrides):
   """Starts the toy training as `num_processes` processes joined by jax.distributed on
-  localhost (like launch/local.sh, but each process can be signalled on its own);
-  process i's stderr goes to <workdir>.<i>.log."""
-  import socket
-  if not port:
-    with socket.socket() as s:
-      s.bind(('localhost', 0))
-      port = s.getsockname()[1]
-  procs = []
-  for i in range(num_processes):
-    e = dict(env(), SCM_JAX_COORDINATOR=f'localhost:{port}',
-             SCM_JAX_NUM_PROCESSES=str(num_processes), SCM_JAX_PROCESS_ID=str(i))
-    with open(f'{workdir}.{i}.log', 'w') as log:
-      procs.append(subprocess.Popen(
-          toy_cli_args(workdir, **overrides) + ['--config.distributed.mode=explicit'],
-          cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=log))
-  return procs
+  localhost (launch/local_job.py: each can be signalled on its own); process i's stderr
+  goes to <workdir>.<i>.log."""
+  from launch import local_job
+  return local_job.start(toy_cli_args(workdir, **overrides)[3:],
+                         [f'{workdir}.{i}.log' for i in range(num_processes)], env(), REPO)
 
 
 def job_log(workdir, i: int) -> str:
@@ -212,7 +201,5 @@ def error_lines(workdir, i: int, timeout: float = 10.0) -> list:
 
 
 def stop_job(procs) -> None:
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-    p.wait()
+  from launch import local_job
+  local_job.stop(procs)

@@ -149,6 +149,14 @@ F1207 15:52:04.387885    8682 client.h:80] Terminating process because the JAX d
 """
 
 
+HUNG_COORDINATOR = b"""F1207 17:08:27.618886    8769 client.h:80] Terminating process because the JAX distributed service detected fatal errors. This most likely indicates that another task died; see the other task logs for more details. Disable Python buffering, i.e. `python -u`, to be sure to see all the previous output. absl::Status: DEADLINE_EXCEEDED: Deadline Exceeded
+
+RPC: /xla.coordination.CoordinationService/Heartbeat
+*** Check failure stack trace: ***
+    @     0x7fa1d52eb505  std::_Function_handler<>::_M_invoke()
+"""
+
+
 def _condense(chunks, process_index, hold_after=None):
   c = lost_process.Condenser(process_index, 2, 10)
   out, now = b'', 0.0
@@ -163,6 +171,7 @@ def _condense(chunks, process_index, hold_after=None):
 @pytest.mark.parametrize('report,me,expected', [
     (LOST_WORKER, 0, 'error: lost process 1 of 2 (no heartbeat for 10 s'),
     (LOST_COORDINATOR, 1, 'error: lost process 0 of 2, the coordinator'),
+    (HUNG_COORDINATOR, 1, 'error: lost process 0 of 2, the coordinator'),
 ])
 def test_runtime_abort_report_becomes_one_line_and_other_output_passes(report, me, expected):
   before = b'[scm_jax] starting from scratch\ntrain:  40%|####      | 4/10\rtrain:  50%|'
@@ -180,3 +189,135 @@ def test_runtime_abort_report_becomes_one_line_and_other_output_passes(report, m
   c = lost_process.Condenser(0, 2, 10)
   assert c.feed(b'train:  10%|#', 0.0) == b'train:  10%|#'
   assert c.feed(b'#', 0.0) + c.feed(b'  | 2/10\n', 0.0) == b'#  | 2/10\n'
+
+
+SWEEP = dict(RUN, **{'train.num_steps': 80})
+PROCESS_FAULTS = ('kill_worker', 'kill_coordinator', 'kill_in_save', 'sigterm_one', 'hang_one')
+FILE_FAULTS = ('edit_config', 'damage_metrics', None)
+
+
+def _start_step(workdir) -> int:
+  log = helpers.job_log(workdir, 0)
+  return int(log.split('resumed from step ')[1].split()[0]) if 'resumed from' in log else 0
+
+
+def _file_fault(workdir, fault) -> str:
+  if fault == 'edit_config':
+    path = os.path.join(workdir, 'config.json')
+    open(path, 'w').write(open(path).read()[:-2])  # truncated: not JSON
+  elif fault == 'damage_metrics':
+    path = os.path.join(workdir, 'metrics.jsonl')
+    rows = open(path).read().splitlines()
+    if len(rows) < 3:
+      return 'metrics.jsonl too short to damage'
+    rows[1] = rows[1][:len(rows[1]) // 2]
+    open(path, 'w').write('\n'.join(rows) + '\n')
+  return f'{fault} done' if fault else ''
+
+
+@pytest.mark.slow  # ~10 two-process launches: several minutes on 2 cores
+def test_random_multihost_and_file_faults_then_finish_equals_the_uninterrupted_job(tmp_path):
+  import random
+  reference_dir = str(tmp_path / 'reference')
+  procs = helpers.launch_job(reference_dir, **SWEEP)
+  assert [p.wait(timeout=900) for p in procs] == [0, 0], helpers.job_log(reference_dir, 0)
+  reference = helpers.final_state(reference_dir)[0]
+
+  workdir = str(tmp_path / 'faulty')
+  rng = random.Random(23)
+  faults = list(PROCESS_FAULTS) * 2
+  rng.shuffle(faults)
+  damaged = 0
+  for i, fault in enumerate(faults):
+    procs = helpers.launch_job(workdir, **SWEEP)
+    try:
+      started = lambda: _started(workdir)  # noqa: E731
+      assert helpers.wait_until(procs[0], started, timeout=900), helpers.job_log(workdir, 0)
+      target = min(_start_step(workdir) + rng.randint(2, 12), SWEEP['train.num_steps'] - 4)
+      if not helpers.wait_until(procs[0], lambda: helpers.logged_step(workdir) >= target,
+                                timeout=900):
+        print(f'round {i}: {fault}: the run finished first', flush=True)
+        break
+      victim = rng.randrange(2)
+      if fault == 'sigterm_one':
+        procs[victim].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+        assert codes == [143, 143], [helpers.job_log(workdir, j)[-2000:] for j in (0, 1)]
+        outcome = 'both exited 143'
+      else:
+        if fault == 'kill_in_save':
+          helpers.wait_until(procs[0], lambda: bool(helpers.tmp_dirs(workdir)), timeout=120)
+        if fault == 'hang_one':  # stopped, not dead: no heartbeats either
+          procs[victim].send_signal(signal.SIGSTOP)
+        else:
+          victim = {'kill_worker': 1, 'kill_coordinator': 0}.get(fault, victim)
+          procs[victim].kill()
+        t = time.time()
+        procs[1 - victim].wait(timeout=PEER_TIMEOUT + 120)
+        latency = time.time() - t
+        lines = helpers.error_lines(workdir, 1 - victim)
+        assert len(lines) == 1 and f'lost process {victim} of 2' in lines[0], \
+            helpers.job_log(workdir, 1 - victim)[-3000:]
+        assert latency < PEER_TIMEOUT + 10
+        outcome = f'process {1 - victim} exited {latency:.1f} s after process {victim}'
+    finally:
+      helpers.stop_job(procs)
+    file_fault = rng.choice(FILE_FAULTS)
+    note = _file_fault(workdir, file_fault)
+    damaged += note.endswith('done')
+    print(f'round {i}: {fault} ({outcome}); {note}', flush=True)
+
+  procs = helpers.launch_job(workdir, **SWEEP)
+  assert [p.wait(timeout=900) for p in procs] == [0, 0], helpers.job_log(workdir, 0)[-3000:]
+  state, _ = helpers.final_state(workdir)
+  assert int(state.step) == SWEEP['train.num_steps']
+  helpers.assert_states_equal(state, reference)
+  kept = [f for f in os.listdir(workdir) if '.damaged' in f]
+  assert len(kept) == damaged, kept  # every damaged file was kept, none overwritten
+
+
+FAIL_ALONE = """
+import sys
+import numpy as np
+from jax.experimental import multihost_utils
+from scm_jax.errors import WorkdirError
+from scm_jax.infra import distributed
+cfg = distributed.default_distributed_config()
+cfg.mode = 'explicit'
+distributed.initialize(cfg)
+import jax
+try:
+  for i in range(10**6):
+    multihost_utils.process_allgather(np.int32(i))  # a collective per step
+    if jax.process_index() == 1 and i == 20:
+      raise WorkdirError('only this host has a full disk')
+except Exception as e:
+  distributed.exit_after_failure(e, cfg)
+"""
+
+
+@pytest.mark.slow  # two JAX start-ups and the peer timeout: ~30 s
+def test_a_process_failing_alone_leaves_and_the_other_names_it(tmp_path):
+  import subprocess
+  import sys
+  from launch import local_job
+  port = local_job.free_port()
+  procs, logs = [], [str(tmp_path / f'{i}.log') for i in (0, 1)]
+  for i in (0, 1):
+    e = dict(helpers.env(), SCM_JAX_COORDINATOR=f'localhost:{port}',
+             SCM_JAX_NUM_PROCESSES='2', SCM_JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen([sys.executable, '-c', FAIL_ALONE], cwd=helpers.REPO, env=e,
+                                  stderr=open(logs[i], 'w')))
+  try:
+    t = time.time()
+    codes = [p.wait(timeout=300) for p in procs]
+    took = time.time() - t
+  finally:
+    helpers.stop_job(procs)
+  time.sleep(1)
+  text = [open(l).read() for l in logs]
+  assert codes[1] == 2 and text[1].strip().splitlines()[-1] == \
+      'error: only this host has a full disk', text[1]
+  assert codes[0] != 0 and [l for l in text[0].splitlines() if l.startswith('error:')][0] \
+      .startswith('error: lost process 1 of 2'), text[0]
+  assert took < 120, took  # not JAX's 5-minute shutdown barrier

@@ -45,6 +45,7 @@ ENV_COORDINATOR = 'SCM_JAX_COORDINATOR'
 ENV_NUM_PROCESSES = 'SCM_JAX_NUM_PROCESSES'
 ENV_PROCESS_ID = 'SCM_JAX_PROCESS_ID'
 ENV_LOCAL_DEVICE_IDS = 'SCM_JAX_LOCAL_DEVICE_IDS'
+LEAVE_S = 5  # how long a process that failed alone waits for the others at the exit
 
 
 def default_distributed_config() -> ml_collections.ConfigDict:
@@ -172,18 +173,19 @@ def exit_after_failure(error: BaseException, cfg: Optional[ml_collections.Config
   unboundedly for the others: they may be lost, or blocked in a collective waiting for
   this one, which the exit (or the abort of a survivor) then ends.
 
-  A user's error (ScmJaxError) is reported at once as one `error:` line (exit 2); any
-  other error is most often the consequence of a lost process (a collective fails when
-  its peer's sockets close), so the runtime is given time to name that process first,
-  and the traceback is printed only if it did not (exit 1).
+  A user's error (ScmJaxError) is reported at once as one `error:` line (exit 2), and
+  the process leaves after at most LEAVE_S: an error all processes meet (a bad config)
+  reaches the shutdown barrier on all of them at about the same time. Any other error is
+  most often the consequence of a lost process (a collective fails when its peer's
+  sockets close), so the runtime is given up to twice the peer timeout to name that
+  process first, and the traceback is printed only if it did not (exit 1).
   """
-  timeout = 2 * int((cfg or {}).get('peer_timeout_s', 10)) + 5
   if isinstance(error, ScmJaxError):
     print(f'error: {error}', file=sys.stderr, flush=True)
-    _leave(timeout)
+    _leave(LEAVE_S)
     code = 2
   else:
-    _leave(timeout)
+    _leave(2 * int((cfg or {}).get('peer_timeout_s', 10)) + 5)
     traceback.print_exception(error, file=sys.stderr)
     code = 1
   sys.stdout.flush()

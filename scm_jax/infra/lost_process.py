@@ -35,9 +35,11 @@ _GUARD = None         # the guard process of this process, once started
 # absl/glog prefix: 'F1207 15:52:04.387885   11354 client.h:80] '.
 _LOG_LINE = re.compile(rb'^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ ([^:\]\s]+):\d+\] ')
 _RUNTIME_SOURCES = re.compile(rb'coordination|client\.(h|cc)$|preemption_sync|distributed')
+# A survivor's report that the coordination service (process 0) is gone or silent: its
+# sockets closed, or an RPC to it (e.g. the heartbeat) ran past its deadline.
 _COORDINATOR_LOST = re.compile(
     r'leader task|Failed to send RPC to coordination service|coordination service is '
-    r'(unavailable|unreachable)', re.IGNORECASE)
+    r'(unavailable|unreachable)|DEADLINE_EXCEEDED', re.IGNORECASE)
 _UNHEALTHY = re.compile(r'tasks are unhealthy[^:]*:\s*((?:\d+[\s,]*)+)')
 _TASK = re.compile(r'/task:(\d+)')
 
@@ -48,12 +50,12 @@ def summary(report: str, process_index: int, num_processes: int,
   where = (f'process {process_index} stops too rather than wait for it. Relaunch all '
            f'{num_processes} processes: training resumes from the newest complete '
            'checkpoint.')
-  if process_index != 0 and _COORDINATOR_LOST.search(report):
-    return (f'error: lost process 0 of {num_processes}, the coordinator (its distributed '
-            f'service stopped answering: it died or its host is gone); {where}')
   lost = []
-  for match in _UNHEALTHY.finditer(report):
+  for match in _UNHEALTHY.finditer(report):  # the service's own verdict names them
     lost += [int(v) for v in re.findall(r'\d+', match.group(1))]
+  if process_index != 0 and not lost and _COORDINATOR_LOST.search(report):
+    return (f'error: lost process 0 of {num_processes}, the coordinator (its distributed '
+            f'service stopped answering: it died, hangs or its host is gone); {where}')
   lost += [int(v) for v in _TASK.findall(report)]
   lost = sorted({v for v in lost if v != process_index and 0 <= v < num_processes})
   if lost:
