@@ -19,6 +19,9 @@ as corrupted: it is moved to `<workdir>/checkpoints_unusable/` (never deleted) a
 next older step is used. Nothing here unpickles: state is tensorstore arrays, meta and
 data position are JSON.
 
+Checkpoints of older formats are read as infra/formats.py says (format 1: loaded, resumed
+only through a migration).
+
 Before each save the free space is checked against the size of a checkpoint: a save that
 cannot fit fails at once with one line (DiskFullError), the previous checkpoints intact.
 """

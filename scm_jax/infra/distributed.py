@@ -46,6 +46,7 @@ ENV_NUM_PROCESSES = 'SCM_JAX_NUM_PROCESSES'
 ENV_PROCESS_ID = 'SCM_JAX_PROCESS_ID'
 ENV_LOCAL_DEVICE_IDS = 'SCM_JAX_LOCAL_DEVICE_IDS'
 LEAVE_S = 5  # how long a process that failed alone waits for the others at the exit
+_FAILED_KEY = 'scm_jax/failed/'  # key-value store: processes that left with an error
 
 
 def default_distributed_config() -> ml_collections.ConfigDict:
@@ -168,25 +169,61 @@ def _leave(timeout_s: float) -> bool:
   return done.wait(timeout_s)
 
 
+def _client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state.client
+
+
+def _announce(message: str) -> None:
+  """Leaves why this process stops in the coordination service's key-value store, for
+  the processes that its exit will interrupt (best effort)."""
+  try:
+    _client().key_value_set(f'{_FAILED_KEY}{jax.process_index()}', message[:2000])
+  except Exception:  # pylint: disable=broad-except  # the service may be gone too
+    pass
+
+
+def _announced() -> list[tuple[int, str]]:
+  """[(process, its error line)] of the other processes that left with an error."""
+  try:
+    entries = _client().key_value_dir_get(_FAILED_KEY)
+  except Exception:  # pylint: disable=broad-except
+    return []
+  return sorted((int(k.rsplit('/', 1)[-1]), v) for k, v in entries
+                if int(k.rsplit('/', 1)[-1]) != jax.process_index())
+
+
 def exit_after_failure(error: BaseException, cfg: Optional[ml_collections.ConfigDict]) -> NoReturn:
   """Ends a multi-process run that failed in this process with `error`, without waiting
   unboundedly for the others: they may be lost, or blocked in a collective waiting for
   this one, which the exit (or the abort of a survivor) then ends.
 
-  A user's error (ScmJaxError) is reported at once as one `error:` line (exit 2), and
-  the process leaves after at most LEAVE_S: an error all processes meet (a bad config)
-  reaches the shutdown barrier on all of them at about the same time. Any other error is
-  most often the consequence of a lost process (a collective fails when its peer's
-  sockets close), so the runtime is given up to twice the peer timeout to name that
-  process first, and the traceback is printed only if it did not (exit 1).
+  A user's error (ScmJaxError) is reported at once as one `error:` line (exit 2) and
+  announced to the other processes; the process leaves after at most LEAVE_S (an error
+  that all processes meet, such as a bad config, brings them all to the shutdown barrier
+  at about the same time). Any other error is most often the consequence of another
+  process leaving: a collective fails when its peer's sockets close. If that process
+  announced its error, one line says so; else the runtime is given up to twice the peer
+  timeout to name a lost process (and abort this one), and the traceback is printed
+  only if it did not (exit 1).
   """
+  me, n = jax.process_index(), jax.process_count()
   if isinstance(error, ScmJaxError):
     print(f'error: {error}', file=sys.stderr, flush=True)
+    _announce(str(error))
     _leave(LEAVE_S)
     code = 2
   else:
-    _leave(2 * int((cfg or {}).get('peer_timeout_s', 10)) + 5)
-    traceback.print_exception(error, file=sys.stderr)
+    failed = _announced()
+    if not failed:
+      _leave(2 * int((cfg or {}).get('peer_timeout_s', 10)) + 5)
+    if failed:
+      i, why = failed[0]
+      print(f'error: process {i} of {n} stopped with an error ({why}); process {me} stops '
+            f'too. Fix that and relaunch all {n} processes: training resumes from the '
+            'newest complete checkpoint.', file=sys.stderr)
+    else:
+      traceback.print_exception(error, file=sys.stderr)
     code = 1
   sys.stdout.flush()
   sys.stderr.flush()
