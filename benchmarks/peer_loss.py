@@ -15,8 +15,8 @@ CPU, gloo), waits for step --at, then injects one fault and measures from the si
                     steps after the signal's step they saved (the same step on both).
 
 'one line' is the fraction of survivors whose stderr holds exactly one `error:` line
-naming the lost process (infra/lost_process.py). --baseline adds kill_worker with
-peer_timeout_s=100, JAX's own default heartbeat timeout. Prints a table and writes JSON
+naming the lost process (infra/lost_process.py). --baseline adds one kill_worker
+with peer_timeout_s=100, JAX's own default heartbeat timeout. Prints a table and writes JSON
 (default benchmarks/results/peer_loss_<device>.json).
 """
 
@@ -112,20 +112,20 @@ def run_once(fault: str, peer_timeout: int, root: str) -> dict:
 def main(argv):
   del argv
   root = tempfile.mkdtemp(prefix='peer_loss_')
-  plan = [(f, _PEER_TIMEOUT.value) for f in ('kill_worker', 'kill_coordinator', 'hang_worker',
-                                             'sigterm_one')]
+  plan = [(f, _PEER_TIMEOUT.value, _REPEATS.value)
+          for f in ('kill_worker', 'kill_coordinator', 'hang_worker', 'sigterm_one')]
   if _BASELINE.value:
-    plan.append(('kill_worker', 100))
+    plan.append(('kill_worker', 100, 1))
   runs = []
   try:
-    for fault, timeout in plan:
-      for _ in range(_REPEATS.value):
+    for fault, timeout, repeats in plan:
+      for _ in range(repeats):
         runs.append(run_once(fault, timeout, root))
         print(runs[-1], flush=True)
   finally:
     shutil.rmtree(root, ignore_errors=True)
   rows = []
-  for fault, timeout in plan:
+  for fault, timeout, _ in plan:
     rs = [r for r in runs if r['fault'] == fault and r['peer_timeout_s'] == timeout]
     secs = [r['seconds'] for r in rs]
     ok = [r.get('one_line', r.get('same_step')) for r in rs]

@@ -143,7 +143,10 @@ def initialize(cfg: Optional[ml_collections.ConfigDict],
     return False
   # Preemption is agreed on by train/preemption.py; JAX's service would also catch
   # SIGTERM from here on and swallow one that arrives before the loop starts.
-  jax.config.update('jax_enable_preemption_service', False)
+  try:
+    jax.config.update('jax_enable_preemption_service', False)
+  except AttributeError:  # a JAX without the option has no such service either
+    pass
   if cfg.cpu_collectives:
     # Without it, CPU processes cannot run cross-process collectives (tests, CPU pods).
     jax.config.update('jax_cpu_collectives_implementation', cfg.cpu_collectives)
