@@ -114,11 +114,10 @@ def plan(sweep_path, base, root, extra):
 def write_manifest(manifest, root):
   """sweep.json + one point.json per workdir; refuses to mix two sweeps in one root
   (rerunning the identical sweep resumes it)."""
-  from scm_jax.infra.files import atomic_write_text
+  from scm_jax.infra.files import atomic_write_text, read_json
   path = os.path.join(root, 'sweep.json')
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    old = read_json(path)
     def points(m):
       return [(p['name'], p['overrides']) for p in m.get('points', [])]
     new = json.loads(json.dumps(manifest))  # tuples -> lists, as stored
@@ -168,6 +167,7 @@ def is_done(workdir):
 
 def run_local(points, python, eval_num, parallel, dry_run, eval_ema=''):
   """Runs the points' jobs as subprocesses, `parallel` at a time; returns #failed."""
+  from scm_jax.infra import files
   queue = list(points)
   running, failed = {}, 0
   while queue or running:
@@ -191,8 +191,7 @@ def run_local(points, python, eval_num, parallel, dry_run, eval_ema=''):
         print(f'[sweep] FAILED {name} (exit {proc.returncode}); see '
               f'{os.path.join(p["workdir"], "log.txt")}', flush=True)
       else:
-        with open(os.path.join(p['workdir'], 'result.json')) as f:
-          res = json.load(f)
+        res = files.read_json(os.path.join(p['workdir'], 'result.json'))
         print(f'[sweep] done {name}: {res["status"]} {res.get("reason", "")} '
               f'({time.time() - t0:.0f} s)', flush=True)
     if running:
@@ -276,7 +275,7 @@ def run_submitit(points, root, cluster, python, eval_num, opts, dry_run, eval_em
   machine and 'debug' in this process (tests, trying a sweep without a cluster).
   """
   import submitit  # pylint: disable=g-import-not-at-top
-  from scm_jax.infra.files import atomic_write_text
+  from scm_jax.infra import files
   if cluster == 'slurm' and not dry_run and shutil.which('sbatch') is None:
     raise ConfigError('sbatch is not on PATH: this machine has no SLURM. Run on the '
                       'cluster login node, use --backend=local, or --dry_run to only '
@@ -297,9 +296,9 @@ def run_submitit(points, root, cluster, python, eval_num, opts, dry_run, eval_em
     submitted = [(p, executor.submit(PointJob(os.path.abspath(p['workdir']), eval_num,
                                               eval_ema))) for p in points]
   jobs_path = os.path.join(folder, 'jobs.json')
-  jobs = json.load(open(jobs_path)) if os.path.exists(jobs_path) else {}
+  jobs = files.read_json(jobs_path) if os.path.exists(jobs_path) else {}
   jobs.update({p['name']: job.job_id for p, job in submitted})
-  atomic_write_text(jobs_path, json.dumps(jobs, indent=2))
+  files.atomic_write_text(jobs_path, json.dumps(jobs, indent=2))
   for p, job in submitted:
     print(f'[sweep] submitted {p["name"]} as job {job.job_id}', flush=True)
   if cluster == 'slurm':
@@ -326,8 +325,7 @@ def run_point(workdir, eval_num, eval_ema=''):
   from scm_jax.train import nonfinite
   from scm_jax.train import workdir as workdir_lib
 
-  with open(os.path.join(workdir, 'point.json')) as f:
-    point = json.load(f)
+  point = files.read_json(os.path.join(workdir, 'point.json'))
   config = sweep_lib.point_config(sweep_lib.load_recipe(os.path.join(REPO, point['base'])),
                                   point['overrides'])
   t0 = time.time()

@@ -100,6 +100,7 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.train.max_rollbacks = 3            # rollbacks not getting past the failing step, then stop
   c.train.handle_signals = True        # SIGTERM/SIGINT: checkpoint after the step, then exit
   c.train.check_resume_config = True   # refuse to resume with other model/data/seed fields
+  c.train.resume_old_format = False    # resume a format-1 checkpoint (infra/formats.py)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num = 64
@@ -231,6 +232,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check_choice('sample.ode_schedule', c.sample.ode_schedule, sampling.ODE_SCHEDULES)
   _check_choice('sharding.strategy', c.sharding.strategy, sharding.STRATEGIES)
   sharding.check_mesh_config(c.mesh)
+  if 'distributed' in c:  # absent from configs saved before multi-host support
+    distributed_lib.check_config(c.distributed)
   models_lib.check_model_config(c.model)
 
 

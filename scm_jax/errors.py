@@ -21,6 +21,11 @@ class CheckpointError(ScmJaxError, RuntimeError):
   """A checkpoint is missing, corrupted or incompatible with the config."""
 
 
+class IncompatibleCheckpointError(CheckpointError):
+  """The checkpoint is intact but cannot serve this run: another model or config, or an
+  older format that needs a migration (infra/formats.py)."""
+
+
 class WorkdirError(ScmJaxError, RuntimeError):
   """The workdir cannot be used: a path problem, no permission, no space left, or
   another process is training in it."""

@@ -67,13 +67,10 @@ cli.int_list_flag('steps', minimum=1)
 
 
 def _write_json(path: str, step: int, results: dict, settings: dict) -> dict:
-  from scm_jax.infra.files import atomic_write_text
-  old = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f).get('results', {})
+  from scm_jax.infra import files
+  old = (files.read_json_or_keep_aside(path) or {}).get('results', {})
   merged = {'step': step, 'results': {**old, **results}, 'settings': settings}
-  atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True))
+  files.atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True))
   return merged
 
 
@@ -113,6 +110,7 @@ def main(argv):
   reference = (generate.reference_data(c.data, ref_split, _REF_NUM.value)
                if needs_data else None)
   eval_dir = os.path.join(_WORKDIR.value, 'eval')
+  workdir_lib.check_links(_WORKDIR.value, ('eval',))
   evaluator = evaluator_lib.Evaluator(
       metrics, reference, inception_weights=_INCEPTION.value, ref_stats=ref_stats,
       digits_weights=_DIGITS.value, batch_size=_FEATURE_BATCH.value, mesh=exp.mesh,

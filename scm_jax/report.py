@@ -13,7 +13,6 @@ final training metrics and the end-of-run energy distances. Usable from a notebo
 """
 
 import csv
-import json
 import math
 import os
 from typing import Optional, Sequence
@@ -40,10 +39,8 @@ TRAILING = ('ed_noise', 'ed_data', 'train_seconds', 'reason')
 
 
 def _read_json(path: str) -> Optional[dict]:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  from scm_jax.infra import files
+  return files.read_json(path) if os.path.exists(path) else None
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -63,6 +63,8 @@ def main(argv):
     overrides['vae.path'] = _VAE.value
   exp, state = experiment.load_experiment(_WORKDIR.value, overrides, _CKPT_STEP.value)
   cli.use_guide(exp, _GUIDE)
+  if not _OUT.value:  # writes into the workdir
+    workdir_lib.check_links(_WORKDIR.value, ('samples',))
   labels = None
   if _LABELS.value:
     labels = np.resize(np.array([int(v) for v in _LABELS.value]), _NUM.value)

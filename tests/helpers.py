@@ -138,11 +138,12 @@ def tmp_dirs(workdir):
   return glob.glob(os.path.join(workdir, 'checkpoints', '*orbax-checkpoint-tmp*'))
 
 
-def saved_stream_step(workdir, step) -> int:
+def saved_stream_step(workdir, step, process: int = 0, count: int = 1) -> int:
   """Batches the data stream had handed out when checkpoint `step` was saved (its
-  'data' item, as grain's Orbax handler wrote it for process 0 of 1)."""
+  'data' item, as grain's Orbax handler wrote it for process `process` of `count`)."""
   import json
-  path = os.path.join(workdir, 'checkpoints', str(step), 'data', 'process_0-of-1.json')
+  path = os.path.join(workdir, 'checkpoints', str(step), 'data',
+                      f'process_{process}-of-{count}.json')
   return json.load(open(path))['step']
 
 
@@ -168,3 +169,37 @@ def assert_states_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b) and len(leaves_a) == len(leaves_b)
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------- multi-process jobs
+# 2-process jax.distributed jobs on localhost (tests/test_reliability_multihost.py).
+
+def launch_job(workdir, num_processes: int = 2, **overrides):
+  """Starts the toy training as `num_processes` processes joined by jax.distributed on
+  localhost (launch/local_job.py: each can be signalled on its own); process i's stderr
+  goes to <workdir>.<i>.log."""
+  from launch import local_job
+  return local_job.start(toy_cli_args(workdir, **overrides)[3:],
+                         [f'{workdir}.{i}.log' for i in range(num_processes)], env(), REPO)
+
+
+def job_log(workdir, i: int) -> str:
+  with open(f'{workdir}.{i}.log') as f:
+    return f.read()
+
+
+def error_lines(workdir, i: int, timeout: float = 10.0) -> list:
+  """The `error:` lines of process i's log once its stderr guard has written its line
+  (the guard writes it just after the process is gone)."""
+  import time
+  end = time.time() + timeout
+  while True:
+    lines = [l for l in job_log(workdir, i).splitlines() if l.startswith('error:')]
+    if lines or time.time() > end:
+      return lines
+    time.sleep(0.05)
+
+
+def stop_job(procs) -> None:
+  from launch import local_job
+  local_job.stop(procs)

@@ -37,6 +37,12 @@ def test_mode_detection_and_initialize_arguments():
          'SCM_JAX_PROCESS_ID': '3'}
   kw = distributed.initialize_kwargs(_cfg(), env)
   assert (kw['coordinator_address'], kw['num_processes'], kw['process_id']) == ('node0:1234', 4, 3)
+  assert kw['heartbeat_timeout_seconds'] == 10  # a lost process is noticed within 10 s
+  assert distributed.initialize_kwargs(_cfg(peer_timeout_s=25), env)[
+      'heartbeat_timeout_seconds'] == 25
+  for bad in (1, 0, -5):  # (ml_collections keeps it an int)
+    with pytest.raises(ConfigError, match='peer_timeout_s'):
+      distributed.initialize_kwargs(_cfg(peer_timeout_s=bad), env)
   kw = distributed.initialize_kwargs(_cfg(mode='explicit', process_id=0), env)
   assert kw['process_id'] == 0  # the config wins over the environment
   with pytest.raises(ConfigError, match='num_processes, process_id'):

@@ -101,15 +101,15 @@ def test_sigint_then_sigkill_at_random_moments_many_times(tmp_path, reference):
 def test_preemption_handler_flags_then_aborts_and_restores_handlers():
   before = signal.getsignal(signal.SIGTERM)
   with preemption.PreemptionHandler() as handler:
-    assert not handler.stop_requested(1, None)
+    assert not handler.stop_requested(1)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert handler.stop_requested(2, None) and handler.signum == signal.SIGTERM
+    assert handler.stop_requested(2) and handler.signum == signal.SIGTERM
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
   assert signal.getsignal(signal.SIGTERM) is before
   with preemption.PreemptionHandler() as handler:  # SLURM's --signal=USR2@T
     os.kill(os.getpid(), signal.SIGUSR2)
-    assert handler.stop_requested(3, None) and handler.signum == signal.SIGUSR2
+    assert handler.stop_requested(3) and handler.signum == signal.SIGUSR2
   e = preemption.Preempted(7, signal.SIGTERM, '/w')
   assert e.exit_code == 143 and 'after step 7' in str(e)
   assert preemption.Preempted(7, signal.SIGUSR2, '/w').exit_code == 140

@@ -249,6 +249,29 @@ class BatchStream:
         'grain': json.loads(self._grain_state),
     }, indent=1).encode()
 
+  def state_at(self, step: int) -> bytes:
+    """A `get_state()` of this stream after its first `step` batches, computed without
+    reading them (for positions saved as a batch count, e.g. by older checkpoints).
+
+    grain's DataLoader state is one record position per worker: worker w of W reads the
+    records w, w + W, ... of this process's shard and yields whole batches of them, and
+    the workers' batches are taken round robin from worker 0 (one "worker" if W = 0).
+    """
+    if step < 0:
+      raise ConfigError(f'a stream position must be >= 0 batches, got {step}.')
+    saved = json.loads(self.get_state())
+    workers = max(self.worker_count, 1)
+    total = workers * self.process_count
+    offset = self.process_index - total  # grain's "last seen" index before any record
+    batches = [step // workers + (w < step % workers) for w in range(workers)]
+    saved['grain'].update(
+        last_seen_indices={str(w): offset + w * self.process_count
+                           + b * self.local_batch_size * total
+                           for w, b in enumerate(batches)},
+        last_worker_index=step % workers - 1 if self.worker_count else -1)
+    saved['step'] = int(step)
+    return json.dumps(saved, indent=1).encode()
+
   def set_state(self, state: bytes) -> None:
     """Continues after the batch at which `state` (from get_state) was taken.
 

@@ -28,6 +28,7 @@ from scm_jax.evaluation import features as features_lib
 from scm_jax.evaluation import fid as fid_lib
 from scm_jax.evaluation import precision_recall as pr_lib
 from scm_jax.evaluation import sample_metrics
+from scm_jax.infra import files
 
 METRICS = ('fid', 'fd_dinov2', 'pr', 'fd_digits', 'pr_digits', 'digits_cls', 'energy', 'swd')
 _SPACE = {'fid': 'inception', 'fd_dinov2': 'dinov2', 'pr': 'inception', 'fd_digits': 'digits',
@@ -157,8 +158,11 @@ class Evaluator:
     if space not in self._ref:
       path = self._cache_path(space)
       if path and os.path.exists(path):
-        with np.load(path, allow_pickle=False) as f:
-          self._ref[space] = f['features']
+        cached = files.read_npz(path, keys=('features',))
+        if 'features' not in cached:
+          raise DataError(f'{path} (a reference-feature cache) has no `features`; delete '
+                          'it to recompute.')
+        self._ref[space] = cached['features']
       else:
         feats = self._features(space, self.reference)[0]
         if path:

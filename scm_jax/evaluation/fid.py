@@ -88,15 +88,16 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
 def load_stats(path: str, dim: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) from a pytorch-fid / clean-fid style .npz, checked for shape and dim."""
   try:
-    with np.load(path, allow_pickle=False) as f:
-      if 'mu' not in f.files or 'sigma' not in f.files:
-        raise DataError(f'{path} has arrays {f.files}; reference statistics need `mu` and '
-                        '`sigma` (the pytorch-fid / clean-fid .npz format).')
-      mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+    arrays = files.read_npz(path, keys=('mu', 'sigma'))
   except FileNotFoundError:
     raise DataError(f'reference statistics {path} not found.') from None
-  except (OSError, ValueError) as e:
-    raise DataError(f'cannot read reference statistics {path}: {e}') from None
+  except (OSError, DataError) as e:
+    raise DataError(f'reference statistics: {e}') from None
+  if 'mu' not in arrays or 'sigma' not in arrays:
+    raise DataError(f'{path} lacks {"`mu`" if "mu" not in arrays else "`sigma`"}: reference '
+                    'statistics need `mu` and `sigma` (the pytorch-fid / clean-fid .npz '
+                    'format).')
+  mu, sigma = arrays['mu'].astype(np.float64), arrays['sigma'].astype(np.float64)
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
     raise DataError(f'{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its '
                     'covariance.')

@@ -19,6 +19,9 @@ as corrupted: it is moved to `<workdir>/checkpoints_unusable/` (never deleted) a
 next older step is used. Nothing here unpickles: state is tensorstore arrays, meta and
 data position are JSON.
 
+Checkpoints of older formats are read as infra/formats.py says (format 1: loaded, resumed
+only through a migration).
+
 Before each save the free space is checked against the size of a checkpoint: a save that
 cannot fit fails at once with one line (DiskFullError), the previous checkpoints intact.
 """
@@ -34,9 +37,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from scm_jax.errors import CheckpointError, ConfigError, WorkdirError
+from scm_jax.errors import CheckpointError, ConfigError, IncompatibleCheckpointError, WorkdirError
+from scm_jax.infra import formats
 from scm_jax.infra import sharding
-from scm_jax.infra.fingerprint import data_digest, meta_digest, meta_problem, state_fingerprint
+from scm_jax.infra.fingerprint import data_digest, meta_digest, state_fingerprint
 
 CKPT_DIR = 'checkpoints'
 UNUSABLE_DIR = 'checkpoints_unusable'      # corrupted steps, moved aside on restore
@@ -46,9 +50,7 @@ ROLLED_BACK_DIR = 'checkpoints_rolled_back'  # steps newer than a non-finite rol
 # like a fallback.
 TRASH_DIR = '.deleted'
 
-# 2: the data position is the 'data' item (grain); format 1 kept it in the meta, and its
-# checkpoints can be sampled from but not resumed.
-FORMAT_VERSION = 2
+FORMAT_VERSION = formats.FORMAT_VERSION  # what older ones hold: infra/formats.py
 
 
 def flat_shapes(tree) -> dict[str, tuple]:
@@ -72,10 +74,6 @@ def _unstored(restored, abstract_state):
   if dataclasses.is_dataclass(abstract_state):
     return abstract_state.replace(**restored)
   return restored
-
-
-class IncompatibleCheckpointError(CheckpointError):
-  """The checkpoint is intact but belongs to a different model/config."""
 
 
 class DiskFullError(WorkdirError):
@@ -150,10 +148,11 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, resume_old_format: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, CKPT_DIR)
     self.read_only = read_only
+    self.resume_old_format = resume_old_format  # migrate format-1 data positions
     _quiet_orbax_warnings()
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False,
@@ -243,7 +242,7 @@ class Checkpointer:
 
   def read_meta(self, step: int) -> dict:
     """The step's 'meta' item (JSON), read alone; CheckpointError if it is unreadable or
-    does not belong to this step (see meta_problem)."""
+    does not belong to this step (see formats.meta_problem)."""
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))['meta']
@@ -254,7 +253,8 @@ class Checkpointer:
     if not isinstance(meta, dict):
       raise CheckpointError(f'checkpoint step {step} in {self.directory} has metadata '
                             f'that is not a JSON object; it is corrupted.')
-    problem = meta_problem(step, meta)
+    problem = formats.meta_problem(step, meta, os.path.isdir(
+        os.path.join(self.directory, str(step), 'data')))
     if problem:
       raise CheckpointError(f'checkpoint step {step} in {self.directory} is unusable: '
                             f'{problem}.')
@@ -272,10 +272,6 @@ class Checkpointer:
       raise CheckpointError(f'checkpoint step {step} in {self.directory} records no arrays.')
     return shapes
 
-  def reached_preemption(self, step: int) -> bool:
-    """Multi-process: whether JAX's preemption service chose `step` to save at."""
-    return self.manager.reached_preemption(step)
-
   def restore(self, step: int, abstract_state, validate, data=None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` into the shardings of `abstract_state`, and the
     position of the data stream `data` (if given: resuming training).
@@ -285,10 +281,8 @@ class Checkpointer:
     data position is unreadable.
     """
     meta = self.read_meta(step)
-    if int(meta.get('format_version', 1)) > FORMAT_VERSION:
-      raise IncompatibleCheckpointError(
-          f'checkpoint step {step} in {self.directory} was written by a newer scm_jax '
-          f'(format {meta["format_version"]} > {FORMAT_VERSION}); upgrade scm_jax.')
+    where = f'checkpoint step {step} in {self.directory}'
+    formats.check_readable(meta, where)
     validate(step, meta, self.saved_shapes(step))
     state = _unstored(self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_stored(abstract_state))))['state'], abstract_state)
@@ -302,18 +296,17 @@ class Checkpointer:
           f'saved ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}).')
     if not finite:
       raise CheckpointError(f'checkpoint step {step} contains non-finite values')
+    formats.warn_unverified(meta, where)
     if data is not None:
       self._restore_data(step, meta, data)
     return state, meta
 
   def _restore_data(self, step: int, meta: dict, stream) -> None:
     where = f'checkpoint step {step} in {self.directory}'
-    if int(meta.get('format_version', 1)) < 2:
-      raise IncompatibleCheckpointError(
-          f'{where} was written by an older scm_jax (format {meta.get("format_version", 1)}) '
-          'and holds no data-stream position: it can be sampled and evaluated, but to train '
-          'further start a new --workdir (e.g. with --config.teacher.* to initialise from '
-          'it). No checkpoint was changed.')
+    if formats.version(meta) < 2:  # its position is in the meta, in an old data order
+      stream.set_state(formats.migrated_position(meta, stream, where,
+                                                 self.resume_old_format))
+      return
     capture = _Capture()
     try:
       self.manager.restore(step, args=ocp.args.Composite(

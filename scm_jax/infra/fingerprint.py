@@ -1,5 +1,5 @@
 """What makes a checkpoint trustworthy: checksums of its arrays, of its meta and of its
-data position, and the rule that its meta belongs to its directory.
+data position (the rule that a meta belongs to its directory is infra/formats.py's).
 
 The array checksum is independent of the sharding (it is computed by one jitted pass over
 the state, whatever the mesh); the meta and data digests are sha256 of their JSON.
@@ -7,8 +7,6 @@ the state, whatever the mesh); the meta and data digests are sha256 of their JSO
 
 import hashlib
 import json
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -22,19 +20,6 @@ def meta_digest(meta: dict) -> str:
 def data_digest(state: bytes) -> str:
   """sha256 of one process's saved data-stream position."""
   return hashlib.sha256(state).hexdigest()
-
-
-def meta_problem(step: int, meta: dict) -> Optional[str]:
-  """Why `meta` cannot be the meta of checkpoint `step` (None if it can)."""
-  version = meta.get('format_version')
-  if version is None or 'fingerprint' not in meta or 'step' not in meta:
-    missing = [k for k in ('format_version', 'step', 'fingerprint') if k not in meta]
-    return f'its metadata lacks {", ".join(missing)} (replaced or truncated)'
-  if int(meta['step']) != int(step):
-    return f'its metadata is that of step {meta["step"]}, not of its directory {step}'
-  if int(version) >= 2 and meta.get('digest') != meta_digest(meta):
-    return 'its metadata was altered after it was written (digest mismatch)'
-  return None
 
 
 def state_fingerprint(state) -> tuple[list[int], bool]:

@@ -6,6 +6,7 @@ TensorFlow is needed. Only process 0 writes; other processes get a no-op writer.
 
 import io
 import json
+import logging
 import os
 import time
 from typing import Mapping, Optional
@@ -45,7 +46,13 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, 'metrics.jsonl')
       if resume_step is not None and os.path.exists(path):
-        rows = files.read_jsonl(path, skip_damaged=True)
+        try:
+          rows = files.read_jsonl(path)
+        except ValueError as e:  # edited or damaged: rewritten from its good rows, kept
+          kept = files.keep_aside(path)
+          logging.warning('%s; the file is kept as %s and its readable rows go on in %s.',
+                          str(e).split('; the file')[0], kept, path)
+          rows = files.read_jsonl(kept, skip_damaged=True)
         files.atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in rows
                                               if r.get('step', 0) <= resume_step))
       self._tb = EventFileWriter(os.path.join(workdir, subdir))

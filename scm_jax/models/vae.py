@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from scm_jax.errors import CheckpointError, ConfigError
+from scm_jax.infra import files
 
 ARCH_FIELDS = ('in_channels', 'out_channels', 'block_out_channels', 'layers_per_block',
                'latent_channels', 'norm_num_groups')
@@ -272,8 +273,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   ext = os.path.splitext(path)[1].lower()
   try:
     if ext == '.npz':
-      with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+      return files.read_npz(path)
     if ext == '.safetensors':
       try:
         from safetensors.numpy import load_file

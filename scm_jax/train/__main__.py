@@ -2,6 +2,8 @@
 
 Resumes from the newest checkpoint in --workdir. See configs/ for recipes. SIGTERM or
 SIGINT saves a checkpoint after the current step and exits with status 128 + signal.
+In a multi-process job a process that fails alone exits without waiting for the others
+(infra/distributed.py), and a lost process makes the others exit with one line.
 """
 
 import sys
@@ -24,12 +26,16 @@ def main(argv):
   from scm_jax.train import preemption
   config = cli.config_value(_CONFIG)
   # Multi-host: join the job before any JAX backend is used (no-op on one process).
-  distributed.initialize(config.get('distributed'))
+  joined = distributed.initialize(config.get('distributed'))
   try:
     loop.train_and_evaluate(config, _WORKDIR.value)
   except preemption.Preempted as e:  # checkpoint saved: exit 128 + signal, no traceback
     print(f'[scm_jax] {e}', file=sys.stderr, flush=True)
-    sys.exit(e.exit_code)
+    sys.exit(e.exit_code)  # every process saved the same step: a normal, joint exit
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    if not joined:
+      raise
+    distributed.exit_after_failure(e, config.get('distributed'))
 
 
 if __name__ == '__main__':

@@ -165,7 +165,8 @@ def _train(exp: experiment_lib.Experiment, workdir: str,
   """The loop proper, in a prepared and locked workdir."""
   c = exp.config
   is_main = jax.process_index() == 0
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.keep_ckpts)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=c.train.keep_ckpts,
+                               resume_old_format=c.train.get('resume_old_format', False))
   validate = _resume_check(exp, workdir)
   stream = exp.stream  # its position comes back with the checkpoint
   state, meta = ckpt.restore_latest(exp.abstract_state, validate, data=stream)
@@ -191,7 +192,7 @@ def _train(exp: experiment_lib.Experiment, workdir: str,
     while step < c.train.num_steps:
       step += 1
       state, metrics = exp.step(state, next(stream))
-      stop = preempt.stop_requested(step, ckpt)
+      stop = preempt.stop_requested(step)
       failed = guard.check(step, metrics, sync=stop or step == c.train.num_steps)
       if failed is not None:
         # The stream is not rewound: the batches since the restored step are skipped.

@@ -10,11 +10,17 @@ and raises `Preempted`; the CLI then exits with status 128 + signal (143 for SIG
 "interrupted, relaunch".
 Relaunching the same command resumes from that checkpoint, bit-exactly.
 
-One process: a Python signal handler sets a flag that the loop reads after each step.
-Several processes (jax.distributed): every host must save the same step, so the decision
-comes from JAX's preemption service (`reached_preemption_sync_point`, through Orbax),
-which catches SIGTERM on any host and agrees on a step; no Python handler is installed
-then, because it would replace the runtime's own SIGTERM notifier.
+A Python signal handler sets a flag that the loop reads after each step. Several
+processes (jax.distributed), of which the scheduler may signal only one (one host
+preempted): every process must save the same step, so after each step every process
+contributes its signal number (0: none) to an all-reduce (max over processes) and acts on the result of the
+previous step's reduction, which all processes read at the same step. A signal on any
+host thus stops every process one or two steps later, at the same step; reading the
+result one step late keeps the host from waiting on the device mid-pipeline (as the
+non-finite guard does). JAX's own preemption service is switched off
+(infra/distributed.py): it catches SIGTERM alone and agrees through the coordination
+service, which on a loaded machine took seconds, long enough for a short run to end
+first.
 
 A second signal while the checkpoint is being written aborts at once (KeyboardInterrupt);
 checkpoints are atomic, so the previous one stays usable.
@@ -26,6 +32,8 @@ import threading
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
@@ -44,21 +52,42 @@ class Preempted(Exception):
     return 128 + self.signum
 
 
-class PreemptionHandler:
-  """Context manager: `stop_requested(step, checkpointer)` says whether to save and exit.
+class _AgreedSignal:
+  """Multi-process agreement: `__call__(signum)` starts the all-reduce (max) of this
+  step's signal numbers (0: none) and returns the previous step's result, the same on
+  every process."""
 
-  Handlers are installed only in the main thread of a single-process run and only while
-  the context is open; the previous handlers are restored on exit.
+  def __init__(self):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ('p',))
+    self._local = jax.local_device_count()
+    self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('p'))
+    self._reduce = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    self._pending = None
+
+  def __call__(self, signum: int) -> int:
+    previous = self._pending
+    local = jax.make_array_from_process_local_data(
+        self._sharding, np.full((self._local,), signum, np.int32))
+    self._pending = self._reduce(local)
+    return 0 if previous is None else int(np.asarray(previous.addressable_data(0)))
+
+
+class PreemptionHandler:
+  """Context manager: `stop_requested(step)` says whether to save and exit.
+
+  Handlers are installed only in the main thread and only while the context is open;
+  the previous handlers are restored on exit.
   """
 
   def __init__(self, enabled: bool = True):
     self.enabled = enabled
     self.signum: Optional[int] = None
     self._previous = {}
+    self._agreed = None
 
   def install(self) -> 'PreemptionHandler':
-    if (self.enabled and jax.process_count() == 1
-        and threading.current_thread() is threading.main_thread()):
+    if self.enabled and threading.current_thread() is threading.main_thread():
       for sig in SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -82,11 +111,16 @@ class PreemptionHandler:
     logging.warning('received %s: saving a checkpoint after the current step, then exiting '
                     '(send it again to abort at once).', signal.Signals(signum).name)
 
-  def stop_requested(self, step: int, checkpointer) -> bool:
-    """True once a signal arrived (one process) or at the step all hosts agreed on."""
-    if self.signum is not None:
-      return True
-    if jax.process_count() > 1 and checkpointer.reached_preemption(step):
-      self.signum = signal.SIGTERM
-      return True
-    return False
+  def stop_requested(self, step: int) -> bool:
+    """True once a signal arrived (one process), or, with several processes, at the
+    step at which all of them learn that one of them was signalled. Call it once per
+    step on every process."""
+    del step  # the decision depends on the order of calls, the same on every process
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if self._agreed is None:
+      self._agreed = _AgreedSignal()
+    agreed = self._agreed(self.signum or 0)
+    if agreed:  # every process exits with the same status, 128 + that signal
+      self.signum = agreed
+    return bool(agreed)

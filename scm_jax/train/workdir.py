@@ -22,9 +22,14 @@ import ml_collections
 from scm_jax.errors import CheckpointError, WorkdirError
 from scm_jax.infra import checkpoint as ckpt_lib
 from scm_jax.infra import files
+from scm_jax.infra import lock as lock_lib
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
+# What the programs write, move or delete in a workdir: none of it may be a symbolic link
+# out of the workdir (`check_links`).
+WRITTEN = (CONFIG_FILE, METRICS_FILE, lock_lib.LOCK_FILE, ckpt_lib.CKPT_DIR,
+           ckpt_lib.UNUSABLE_DIR, ckpt_lib.ROLLED_BACK_DIR, 'tb', 'samples', 'eval')
 
 # Config fields a run must resume with: what the parameters and the data stream mean.
 # Other fields (length, learning rate, logging, mesh, ...) may change, with a warning.
@@ -52,15 +57,50 @@ _IO_MARKERS = ('No space left on device', 'Disk quota exceeded', 'Read-only file
                'Permission denied', 'File too large')
 
 
+def _links_out(workdir: str, names) -> list[tuple[str, str]]:
+  """(link, target) for the symbolic links among `names` in `workdir` and everything
+  under them that point outside the workdir (the workdir itself may be a link)."""
+  root = os.path.realpath(workdir)
+  out = []
+  for name in names:
+    top = os.path.join(workdir, name)
+    paths = [top]
+    if os.path.isdir(top) and not os.path.islink(top):
+      for parent, dirs, names_ in os.walk(top):  # does not follow links
+        paths += [os.path.join(parent, n) for n in dirs + names_]
+    for path in paths:
+      target = os.path.realpath(path)
+      if os.path.islink(path) and os.path.commonpath([root, target]) != root:
+        out.append((path, target))
+  return out
+
+
+def check_links(workdir: str, names=WRITTEN) -> None:
+  """WorkdirError if what a program writes in `workdir` (`names`, and everything under
+  them) holds a symbolic link out of it: old checkpoints are deleted and files replaced
+  there, which through such a link would destroy data that is not this run's."""
+  links = _links_out(workdir, names)
+  if links:
+    link, target = links[0]
+    more = f' (and {len(links) - 1} more)' if len(links) > 1 else ''
+    raise WorkdirError(
+        f'{link} is a symbolic link to {target}, outside the workdir{more}: runs write, '
+        'replace and delete files there. Replace the link by the real '
+        f'{"directory" if os.path.isdir(link) else "file"}, or make --workdir the real '
+        'directory that should hold everything; nothing was written.')
+
+
 def prepare(workdir: str) -> None:
   """Creates `workdir` if needed and checks that files can be written there.
 
-  WorkdirError (one line) for a path that is a file, a missing permission, a read-only
+  WorkdirError (one line) for a path that is a file, a symbolic link out of the workdir
+  among what training writes (`check_links`), a missing permission, a read-only
   filesystem; nothing else is touched.
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f'--workdir={workdir} is a file, not a directory; pass a directory '
                        '(it is created if missing).')
+  check_links(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
@@ -93,9 +133,11 @@ def io_failure(error: BaseException, workdir: str) -> Optional[WorkdirError]:
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes <workdir>/config.json atomically."""
-  files.atomic_write_text(os.path.join(workdir, CONFIG_FILE),
-                          config.to_json_best_effort(indent=2))
+  """Writes <workdir>/config.json atomically; one that was edited into something that is
+  not a JSON object is first kept aside as config.json.damaged."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  files.read_json_or_keep_aside(path)
+  files.atomic_write_text(path, config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -105,11 +147,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise CheckpointError(f'{workdir} has no {CONFIG_FILE}: is it a training workdir? '
                           'Pass the --workdir used for training.')
   try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f'{path} is unreadable ({e}); restore it from a copy or use a '
-                          'new --workdir.') from None
+    return ml_collections.ConfigDict(files.read_json(path))
+  except ValueError as e:  # DataError: not JSON, or not an object
+    raise CheckpointError(str(e)) from None
+  except OSError as e:
+    raise CheckpointError(f'{path} is unreadable ({e.strerror or e}); fix its permissions '
+                          'or restore it from a copy.') from None
 
 
 def flat_config(tree: dict, prefix: str = '') -> dict:
