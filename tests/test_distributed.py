@@ -55,12 +55,49 @@ def test_mode_detection_and_initialize_arguments():
     distributed.initialize_kwargs(_cfg(local_device_ids='0;1'), SLURM_ENV)
 
 
+STEPS = 6
 TRAIN_ARGS = ['--config=configs/toy2d_sct.py', '--config.model.width=32', '--config.model.depth=1',
               '--config.model.time_embed_dim=16', '--config.model.logvar_channels=16',
-              '--config.train.batch_size=16', '--config.train.num_steps=6',
-              '--config.train.log_every=3', '--config.train.ckpt_every=3',
+              '--config.train.batch_size=16', f'--config.train.num_steps={STEPS}',
+              '--config.train.log_every=1', '--config.train.ckpt_every=3',
               '--config.train.sample_every=0', '--config.train.progress_bar=False',
               '--config.data.prefetch=0', '--config.data.num_train=512']
+
+# One process, 2 devices: the training steps of a P-process job's workdir config on the
+# global batches that job saw, process i's stream (data/pipeline.py) giving rows
+# [i B/P, (i+1) B/P) of each. `order` = which process's rows fill each slot: (1, 0)
+# feeds the halves swapped, a placement error the comparison must catch.
+REPLAY = """
+import jax
+import numpy as np
+from scm_jax import data as data_lib
+from scm_jax.train import workdir as workdir_lib
+from scm_jax.train.experiment import Experiment
+
+c = workdir_lib.load_config(WORKDIR)
+exp = Experiment(c)
+assert jax.process_count() == 1 and jax.device_count() == NPROC
+
+
+def replay(order):
+  order = list(order)
+  streams = [data_lib.make_stream(exp.source, c.train.batch_size, c.seed, process_index=i,
+                                  process_count=NPROC, worker_count=c.data.worker_count,
+                                  prefetch=0) for i in range(NPROC)]
+  state, losses = exp.init_state(), []
+  for _ in range(STEPS):
+    rows = [next(s) for s in streams]
+    batch = {k: np.concatenate([rows[i][k] for i in order]) for k in rows[0]}
+    state, metrics = exp.step(state, batch)
+    losses.append(float(metrics['loss']))
+  return jax.device_get(state), losses
+
+
+state, losses = replay(range(NPROC))
+_, swapped = replay(reversed(range(NPROC)))
+leaves = {f'leaf_{i}': np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))}
+np.savez(OUT, losses=losses, swapped=swapped, **leaves)
+"""
 
 
 def _free_port() -> int:
@@ -69,27 +106,36 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow  # three CLI runs with their compiles: ~2-4 min on 2 busy cores
+@pytest.mark.slow  # a 2-process CLI job and a 2-device replay with their compiles: ~35 s
 def test_two_processes_train_in_lockstep_like_one_process(tmp_path):
-  """launch/local.sh with NPROC=2: 2 processes x 1 CPU device (gloo collectives, each
-  loading half of every batch, one shared workdir) end with the same TrainState as
-  1 process x 2 devices."""
-  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  """launch/local.sh with NPROC=2 (2 processes x 1 CPU device, gloo collectives, each
+  loading its rows of every batch, one shared workdir) computes what 1 process x 2
+  devices computes on the same global batches: the same loss at every step and the same
+  checkpointed TrainState. The data order depends on the process count, so the one
+  process replays the job's global batches (REPLAY) instead of training on its own."""
+  multi = str(tmp_path / 'multi')
   env = dict(helpers.env(devices=1), NPROC='2', PORT=str(_free_port()), PYTHON=sys.executable)
   p = subprocess.run(['bash', os.path.join(helpers.REPO, 'launch', 'local.sh'),
                       f'--workdir={multi}', *TRAIN_ARGS, '--config.distributed.timeout_s=120'],
                      cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stdout + p.stderr
-  helpers.run_module('scm_jax.train', f'--workdir={single}', *TRAIN_ARGS, devices=2)
+  out = str(tmp_path / 'replay.npz')
+  helpers.run_python(f'WORKDIR, OUT, NPROC, STEPS = {multi!r}, {out!r}, 2, {STEPS}\n' + REPLAY,
+                     devices=2)
+  ref = np.load(out)
 
   from scm_jax.train.experiment import load_experiment
-  (_, a), (_, b) = load_experiment(multi), load_experiment(single)
-  assert int(a.step) == int(b.step) == 6
-  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
-    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-  # Only process 0 logs: one line per log step, identical to the single process's.
+  _, state = load_experiment(multi)
+  assert int(state.step) == STEPS
+  leaves = jax.tree.leaves(jax.device_get(state))
+  assert len(leaves) == len([k for k in ref.files if k.startswith('leaf_')])
+  for i, x in enumerate(leaves):
+    np.testing.assert_allclose(x, ref[f'leaf_{i}'], rtol=1e-6, atol=1e-7)
+  # Only process 0 logs: one row per step (log_every=1), the replay's loss.
   logs = [json.loads(l) for l in open(os.path.join(multi, 'metrics.jsonl'))]
-  ref = [json.loads(l) for l in open(os.path.join(single, 'metrics.jsonl'))]
-  assert [l['step'] for l in logs] == [3, 6]
-  np.testing.assert_allclose([l['loss'] for l in logs], [l['loss'] for l in ref], rtol=1e-6)
+  assert [l['step'] for l in logs] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([l['loss'] for l in logs], ref['losses'], rtol=1e-6)
   assert p.stderr.count('starting from scratch') == 1  # status lines from process 0 only
+  # The comparison sees row placement: with the halves swapped, step 1 (same initial
+  # state, same rows) already has another loss.
+  assert abs(ref['swapped'][0] / ref['losses'][0] - 1) > 1e-3, (ref['swapped'], ref['losses'])
