@@ -13,7 +13,7 @@ loaded). The header holds the metadata (what `gen.metadata` returns), where each
 lies, the payload's length and its CRC-32, so that a truncated or damaged file is
 refused before anything runs.
 
-The sampler's arguments are (weights, noise[, labels][, guidance]); the weights are
+The sampler's arguments are `(weights, noise[, labels][, guidance])`; the weights are
 arguments, not constants baked into the program: the program stays small whatever the
 model's size (a serialized module with gigabytes of constants exceeds protobuf's 2 GiB
 limit, and XLA compiles constants slowly), and the weights are read and placed on the
