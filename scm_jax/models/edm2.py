@@ -31,6 +31,9 @@ import numpy as np
 from scm_jax.errors import ConfigError
 from scm_jax.models import attention
 from scm_jax.models import layers
+from scm_jax.models.mp import (BUFFERS, MPConv, MPFourier, WEIGHT, mp_cat, mp_positional,  # noqa: F401
+                               mp_silu, mp_sum, normalize, pixel_norm, project_weights,
+                               resample)
 
 # EDM2 / sCM sizes (Table 4 / 5): base channels per size.
 SIZES = {'s': 192, 'm': 256, 'l': 320, 'xl': 384, 'xxl': 448}
@@ -39,107 +42,18 @@ PAPER_PARAMS_M = {'s': 280.2, 'm': 497.8, 'l': 777.6, 'xl': 1119.4, 'xxl': 1523.
 # EDM2's own config G: the sCM changes switched off.
 PLAIN = dict(parameterization='edm', time_embed_kind='fourier', norm_mode='adagn')
 PARAMETERIZATIONS = ('trigflow', 'edm')
-WEIGHT = 'weight'  # the name of every MPConv's stored weight (see project_weights)
-
-
-# ----------------------------------------------------- magnitude-preserving operations
-
-def normalize(x: jax.Array, axis, eps: float = 1e-4) -> jax.Array:
-  """x / (eps + ||x|| / sqrt(n)) over `axis` (n elements): unit RMS (EDM2, Eq. 46)."""
-  axis = tuple(np.atleast_1d(axis))
-  n = int(np.prod([x.shape[a] for a in axis]))
-  x32 = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=axis, keepdims=True))
-  return (x32 / (eps + norm / np.sqrt(n))).astype(x.dtype)
-
-
-def pixel_norm(x: jax.Array) -> jax.Array:
-  """Unit RMS over the channels (last axis)."""
-  return normalize(x, -1)
-
-
-def mp_silu(x: jax.Array) -> jax.Array:
-  """SiLU divided by its output RMS at unit-normal input (EDM2, Eq. 81)."""
-  return jax.nn.silu(x) / 0.596
-
-
-def mp_sum(a: jax.Array, b: jax.Array, t: float = 0.5) -> jax.Array:
-  """((1 - t) a + t b) / sqrt((1 - t)^2 + t^2): unit variance for unit-variance a, b."""
-  return ((1 - t) * a + t * b) / np.sqrt((1 - t)**2 + t**2)
-
-
-def mp_cat(a: jax.Array, b: jax.Array, t: float = 0.5) -> jax.Array:
-  """Channel concatenation weighted by t, scaled to keep the total magnitude."""
-  na, nb = a.shape[-1], b.shape[-1]
-  c = np.sqrt((na + nb) / ((1 - t)**2 + t**2))
-  return jnp.concatenate([a * (c / np.sqrt(na) * (1 - t)),
-                          b.astype(a.dtype) * (c / np.sqrt(nb) * t)], axis=-1)
-
-
-def resample(x: jax.Array, mode: str) -> jax.Array:
-  """'down': 2x2 box filter, stride 2; 'up': nearest neighbour x2; 'keep': x."""
-  if mode == 'down':
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-  if mode == 'up':
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  return x
-
-
-def _unit_normal_init(key, shape, dtype=jnp.float32):
-  """N(0, 1) weights already on the normalized sphere (what forced WN keeps)."""
-  return normalize(jax.random.normal(key, shape, dtype), tuple(range(len(shape) - 1)))
-
-
-class MPConv(nn.Module):
-  """Magnitude-preserving convolution (kernel > 0) or linear layer (kernel == 0).
-
-  No bias. At use the weight is normalized per output channel and scaled by
-  gain / sqrt(fan_in), so its output has the input's magnitude (times `gain`).
-  """
-  features: int
-  kernel: int = 0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, gain=1.0) -> jax.Array:
-    shape = ((self.kernel, self.kernel) if self.kernel else ()) + (x.shape[-1], self.features)
-    w = self.param(WEIGHT, _unit_normal_init, shape)
-    fan_in = int(np.prod(shape[:-1]))
-    w = normalize(w, tuple(range(len(shape) - 1))) * (gain / np.sqrt(fan_in))
-    w, x = w.astype(self.dtype), x.astype(self.dtype)
-    if not self.kernel:
-      return x @ w
-    return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-def project_weights(params):
-  """Forced weight normalization (EDM2, Sec. 3.3): every stored MPConv weight back on its
-  sphere (unit RMS per output channel). Apply after each optimizer update; the forward
-  pass normalizes anyway, so this changes the training dynamics, not the function."""
-  def project(path, leaf):
-    last = getattr(path[-1], 'key', None)
-    if last == WEIGHT and leaf.ndim >= 2:
-      return normalize(leaf, tuple(range(leaf.ndim - 1)))
-    return leaf
-  return jax.tree_util.tree_map_with_path(project, params)
 
 
 # ----------------------------------------------------------------------- conditioning
 
 
-def mp_fourier(c: jax.Array, dim: int, bandwidth: float = 1.0, seed: int = 0) -> jax.Array:
-  """EDM2's MPFourier: sqrt(2) cos(2 pi (f c + phi)), fixed f ~ N(0, bw^2), phi ~ U[0, 1)."""
-  rng = np.random.RandomState(seed)
-  freqs = (rng.randn(dim) * bandwidth).astype(np.float32)
-  phases = rng.rand(dim).astype(np.float32)
-  return np.sqrt(2) * jnp.cos(2 * np.pi * (c[:, None] * freqs + phases))
-
-
-def mp_positional(c: jax.Array, dim: int) -> jax.Array:
-  """The sCM positional embedding (layers.positional_embedding), times sqrt(2): unit RMS."""
-  return np.sqrt(2) * layers.positional_embedding(c, dim)
+def edm_c_noise(t: jax.Array, sigma_data: float, sigma: Optional[jax.Array] = None):
+  """EDM2's c_noise = ln(sigma) / 4 (EDM, Table 1) at sigma = sigma_d tan t, or at the
+  given `sigma` directly (no float32 round trip through t)."""
+  if sigma is not None:
+    return jnp.log(jnp.asarray(sigma, jnp.float32)) / 4
+  t = jnp.clip(jnp.asarray(t, jnp.float32), 1e-7, np.pi / 2 - 1e-6)
+  return jnp.log(sigma_data * jnp.tan(t)) / 4
 
 
 class MPConditioning(nn.Module):
@@ -162,21 +76,24 @@ class MPConditioning(nn.Module):
   sigma_data: float = 0.5
   guidance_embed: bool = False
 
-  def c_noise(self, t: jax.Array) -> jax.Array:
+  def c_noise(self, t: jax.Array, sigma: Optional[jax.Array] = None) -> jax.Array:
+    """c_noise of the time: `scale` t, or EDM2's ln(sigma) / 4 with sigma = sigma_d tan t;
+    a given `sigma` (an EDM caller's own noise level) is used as is, without the float32
+    round trip through t."""
     if self.parameterization == 'edm':
-      t = jnp.clip(t, 1e-7, np.pi / 2 - 1e-6)
-      return jnp.log(self.sigma_data * jnp.tan(t)) / 4
+      return edm_c_noise(t, self.sigma_data, sigma)
     return self.scale * t
 
   def features(self, c: jax.Array) -> jax.Array:
     if self.kind == 'fourier':
-      return mp_fourier(c, self.freq_dim, self.bandwidth)
+      return MPFourier(self.freq_dim, self.bandwidth, name='fourier')(c)
     return mp_positional(c, self.freq_dim)
 
   @nn.compact
   def __call__(self, t: jax.Array, labels: Optional[jax.Array],
-               guidance: Optional[jax.Array] = None) -> jax.Array:
-    emb = MPConv(self.dim, name='noise')(self.features(self.c_noise(t)))
+               guidance: Optional[jax.Array] = None,
+               sigma: Optional[jax.Array] = None) -> jax.Array:
+    emb = MPConv(self.dim, name='noise')(self.features(self.c_noise(t, sigma)))
     if self.guidance_embed:
       s = layers.guidance_scales(guidance, t.shape[0])
       gain = self.param('guidance_gain', nn.initializers.zeros, ())
@@ -338,9 +255,14 @@ class EDM2(layers.SCMNetwork):
   def __call__(self, x: jax.Array, t: jax.Array,
                labels: Optional[jax.Array] = None,
                guidance: Optional[jax.Array] = None, *,
-               train: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Returns (F [B, H, W, C_out] float32, logvar [B] float32)."""
-    dtype, t, emb = self.embed(x, t, labels, guidance)
+               train: bool = False,
+               sigma: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """Returns (F [B, H, W, C_out] float32, logvar [B] float32). `sigma` [B] (only for
+    parameterization='edm'): the EDM noise level of the input, used for c_noise as is."""
+    if sigma is not None and self.parameterization != 'edm':
+      raise ConfigError("EDM2(sigma=...) needs model.parameterization='edm'.")
+    cond = {} if sigma is None else {'sigma': sigma}
+    dtype, t, emb = self.embed(x, t, labels, guidance, **cond)
     block_cls = layers.maybe_remat(Block, self.remat, static_argnums=(3,))
     res0 = x.shape[1]
 
@@ -385,6 +307,10 @@ class EDM2(layers.SCMNetwork):
     out = out.astype(jnp.float32)
     if self.parameterization == 'edm':
       out = -out  # EDM2's D = c_skip x + c_out F_net is TrigFlow's F = -F_net (module doc)
+      # EDM2's own uncertainty head: MPFourier of c_noise -> MPConv to 1 (no bias).
+      c = edm_c_noise(t, self.sigma_data, sigma)
+      feats = MPFourier(self.logvar_channels, seed=1, name='logvar_fourier')(c)
+      return out, MPConv(1, name='logvar_linear')(feats)[:, 0]
     return out, self.logvar(t)
 
 

@@ -238,7 +238,8 @@ class SCMNetwork(nn.Module):
     """Backbone-specific checks of the input beyond its rank (e.g. divisibility)."""
 
   def param_projection(self) -> Optional[Callable]:
-    """params -> params applied after every optimizer update (None: no constraint)."""
+    """(params, params before the update) -> params, applied after every optimizer update
+    (None: no constraint)."""
     return None
 
   def conditioning(self) -> nn.Module:
@@ -248,7 +249,7 @@ class SCMNetwork(nn.Module):
                         freq_dim, self.num_classes, self.guidance_embed, name='cond')
 
   def embed(self, x: jax.Array, t: jax.Array, labels: Optional[jax.Array],
-            guidance: Optional[jax.Array] = None):
+            guidance: Optional[jax.Array] = None, **cond_kwargs):
     """The prologue: checks x, broadcasts t to [B] and embeds (t, labels, guidance).
 
     `guidance` (a scalar or [B]; None = 1) is the input s of a guidance-conditioned
@@ -267,7 +268,7 @@ class SCMNetwork(nn.Module):
           f"{x.shape}; use model.name={'unet' if rank == 2 else 'mlp'!r} for {other}.")
     self.check_input(x)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
-    emb = self.conditioning()(t, labels, guidance)
+    emb = self.conditioning()(t, labels, guidance, **cond_kwargs)
     return resolve_dtype(self.dtype), t, emb
 
   def logvar(self, t: jax.Array) -> jax.Array:

@@ -82,7 +82,7 @@ def projected(projection) -> optax.GradientTransformation:
   """Makes the update land on projection(params + update): parameters are kept on a
   constraint set (EDM2's forced weight normalization) after every step."""
   def update(updates, state, params):
-    new = projection(optax.apply_updates(params, updates))
+    new = projection(optax.apply_updates(params, updates), params)
     return jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new, params), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -137,7 +137,9 @@ def update_ema(ema: dict, params, step) -> dict:
   out = {}
   for name, avg in ema.items():
     beta = ema_decay_fn(name)(step)
-    out[name] = jax.tree.map(lambda a, p: beta * a + (1.0 - beta) * p, avg, params)
+    # a + (1 - beta)(p - a): a parameter that does not move (MPFourier's buffers) keeps
+    # its average exactly.
+    out[name] = jax.tree.map(lambda a, p: a + (1.0 - beta) * (p - a), avg, params)
   return out
 
 
