@@ -174,6 +174,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _check_choice('loss.kind', c.loss.kind, losses.LOSS_KINDS)
   _check(c.trigflow.sigma_d > 0, f'config.trigflow.sigma_d must be > 0, got {c.trigflow.sigma_d}.')
   _check(c.loss.p_std > 0, f'config.loss.p_std must be > 0, got {c.loss.p_std}.')
+  if c.model.get('parameterization') == 'edm' and 'sigma_data' in c.model:
+    # EDM2's c_noise = ln(sigma_d tan t) / 4 needs the data's sigma_d: trigflow.sigma_d owns it.
+    _check(c.model.sigma_data == c.trigflow.sigma_d,
+           f'config.model.sigma_data={c.model.sigma_data} differs from config.trigflow.sigma_d='
+           f'{c.trigflow.sigma_d}; an EDM-parameterized network must use the data\'s sigma_d: '
+           f'set --config.model.sigma_data={c.trigflow.sigma_d}.')
   _check(c.loss.tangent_warmup_steps >= 0, 'config.loss.tangent_warmup_steps must be >= 0.')
   _check(c.loss.tangent_norm_c > 0, 'config.loss.tangent_norm_c must be > 0 (paper: 0.1).')
   _check_choice('loss.time_derivative', c.loss.time_derivative, losses.TIME_DERIVATIVES)

@@ -129,7 +129,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], like) -> dict:
   """Flax params of the shape of `like` (e.g. jax.eval_shape of model.init) from a Precond
   state dict. ConfigError lists missing, unexpected and mis-shaped tensors."""
   wanted = {path: leaf for path, leaf in _flatten(like)}
-  out, unexpected, shapes = {}, [], []
+  out, unexpected, shapes, misshaped = {}, [], [], set()
   for name, w in state_dict.items():
     try:
       path = _flax_path(name)
@@ -142,9 +142,10 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], like) -> dict:
     w = _to_flax(name, np.asarray(w, np.float32))
     if tuple(w.shape) != tuple(wanted[path].shape):
       shapes.append(f'{name} {tuple(w.shape)} vs {tuple(wanted[path].shape)}')
+      misshaped.add(path)
       continue
     out[path] = w
-  missing = [_torch_name(p) for p in wanted if p not in out and not shapes]
+  missing = [_torch_name(p) for p in wanted if p not in out and p not in misshaped]
   if missing or unexpected or shapes:
     raise ConfigError('the EDM2 state dict does not fit the network its config describes: '
                       f'missing {missing[:6]}, unexpected {unexpected[:6]}, shapes '
@@ -163,3 +164,21 @@ def params_to_state_dict(params) -> dict[str, np.ndarray]:
   """The Precond state dict (NVlabs' names and layouts, float32) of plain EDM2 params."""
   return {_torch_name(path): _to_torch(_torch_name(path), np.asarray(w, np.float32))
           for path, w in _flatten(params)}
+
+
+def precond(model, params, x, sigma, labels=None):
+  """networks_edm2.Precond's forward on NHWC data: (D_x, F_x, logvar) at EDM noise level
+  `sigma` [B] (EDM, Table 1: c_in, c_skip, c_out of sigma_d = model.sigma_data; c_noise
+  = ln(sigma) / 4 from sigma itself). The network input c_in x is TrigFlow's x_t / sigma_d
+  at t = arctan(sigma / sigma_d), and F_x = -F (models/edm2.py)."""
+  import jax.numpy as jnp  # the converter itself needs numpy only
+  sd = model.sigma_data
+  sigma = jnp.asarray(sigma, jnp.float32)
+  b = (slice(None),) + (None,) * (x.ndim - 1)
+  c_in = 1 / jnp.sqrt(sd**2 + sigma**2)
+  c_skip = sd**2 / (sigma**2 + sd**2)
+  c_out = sigma * sd / jnp.sqrt(sigma**2 + sd**2)
+  F, logvar = model.apply({'params': params}, x * c_in[b], jnp.arctan(sigma / sd), labels,
+                          sigma=sigma)
+  F_x = -F
+  return c_skip[b] * x + c_out[b] * F_x, F_x, logvar
