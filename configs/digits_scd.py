@@ -16,15 +16,35 @@ s ~ U[1, 2]; `scm_jax.sample --guidance=s` then costs one evaluation per step). 
 is the digits default (24 channels, batch 64). Stage 'vsd': sCD + adaptive VSD
 (Appendix C) for a few hundred steps after sCD, from the sCD run's weights
 (teacher.student_workdir), F_phi from the teacher.
+
+Stages 'edm2_teacher' / 'edm2_student': the same with a small EDM2 in NVlabs' own
+parameterization (`edm2_plain`), the layout of their released networks; docs/teachers.md
+runs it through `python -m scm_jax.import_edm2` (export, import, then sCD).
 """
 
 from configs import digits_sct
 from configs import toy2d_scd
+from scm_jax.config import base_config
+
+
+STAGES = ('teacher', 'student', 'guided', 'vsd', 'edm2_teacher', 'edm2_student')
+
+
+def edm2_plain(c):
+  """A small EDM2 in its own parameterization (EDM2's config G: EDM c_noise, Fourier
+  features, scalar modulation, its uncertainty head): the architecture of NVlabs'
+  released networks, at digits size (8x8 -> 4x4, attention at 4x4)."""
+  from scm_jax.models import edm2
+  c.model = base_config('edm2').model
+  c.model.update(dict(channels=32, channel_mult=(1, 2), num_blocks=2, attn_resolutions=(4,),
+                      channels_per_head=16, logvar_channels=32, num_classes=10, dropout=0.1,
+                      **edm2.PLAIN))
+  return c
 
 
 def get_config(stage: str = 'student'):
-  if stage not in ('teacher', 'student', 'guided', 'vsd'):
-    raise ValueError(f'unknown stage {stage!r}; use configs/digits_scd.py[:teacher|:guided|:vsd]')
+  if stage not in STAGES:
+    raise ValueError(f'unknown stage {stage!r}; use configs/digits_scd.py[:{"|:".join(STAGES)}]')
   c = digits_sct.get_config()  # the digits U-Net, data and logging
   c.model.channels = 24
   c.model.num_classes = 10
@@ -36,7 +56,9 @@ def get_config(stage: str = 'student'):
   # the teacher's weights (ema_0.999 after 1500 steps still holds 22% of them).
   c.ema.sigma_rels = (0.05, 0.1)
   c.sample.ema = 'pema_0.05'
-  if stage == 'teacher':
+  if stage.startswith('edm2'):
+    c = edm2_plain(c)
+  if stage in ('teacher', 'edm2_teacher'):
     c.loss.kind = 'diffusion'
     c.loss.label_dropout = 0.1
     c.optim.lr = 1e-3
@@ -51,6 +73,8 @@ def get_config(stage: str = 'student'):
   c.teacher.ema = 'pema_0.05'
   c.teacher.guidance = 1.0
   c.teacher.init_student = True
+  if stage == 'edm2_student':  # from an imported EDM2 teacher (its raw weights)
+    c.teacher.ema = ''
   if stage == 'guided':  # a guidance-conditioned student: input s ~ U[1, 2] (App. G.2)
     c.model.guidance_embed = True
     c.teacher.guidance_max = 2.0

@@ -15,4 +15,6 @@ from configs import paper
 
 
 def get_config(arg: str = 'xxl'):
+  if arg and arg.lower().startswith('edm2_'):  # from an imported NVlabs network
+    return paper.edm2_released(arg.lower(), 'imagenet512')
   return paper.imagenet512(arg, 'scd')

@@ -13,4 +13,6 @@ from configs import paper
 
 
 def get_config(arg: str = 's'):
+  if arg and arg.lower().startswith('edm2_'):  # from an imported NVlabs network
+    return paper.edm2_released(arg.lower(), 'imagenet64')
   return paper.imagenet64(arg, 'scd')

@@ -241,3 +241,41 @@ def cifar10(stage: str):
   c.teacher.ema = f'ema_{c.ema.decays[0]:g}'
   c.teacher.init_student = True
   return c
+
+
+# NVlabs' released EDM2 networks (edm2-img512-<size>-*.pkl, edm2-img64-<size>-*.pkl; EDM2's
+# train_edm2.py presets): channels and dropout per size, for sCD from an imported network
+# (python -m scm_jax.import_edm2). The img512 ones saw EDM2's own latents: raw SD-VAE
+# latents (images in [-1, 1]) * 0.5 / RAW_STD after subtracting RAW_MEAN, which the
+# imported workdir records from the pickle's encoder.
+EDM2_RELEASED = {
+    'imagenet512': {'xs': (128, 0.0), 's': (192, 0.0), 'm': (256, 0.1), 'l': (320, 0.1),
+                    'xl': (384, 0.1), 'xxl': (448, 0.1)},
+    'imagenet64': {'s': (192, 0.0), 'm': (256, 0.1), 'l': (320, 0.1), 'xl': (384, 0.1)},
+}
+EDM2_LATENT_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
+EDM2_LATENT_RAW_STD = (4.17, 4.62, 3.71, 3.28)
+
+
+def edm2_released(arg: str, data: str):
+  """sCD from an imported NVlabs EDM2 network (`configs/<data>_scd.py:edm2_<size>`).
+
+  The student is the released network's own architecture (EDM2 config G, EDM
+  parameterization; `edm2.PLAIN`) of that size, initialized from the imported weights
+  (the workdir's raw parameters: teacher.ema=''), with the paper's sCD settings of the
+  size (xs, which the paper has no column for, takes s's)."""
+  size = arg[len('edm2_'):]
+  if size not in EDM2_RELEASED[data]:
+    raise ValueError(f'unknown released EDM2 size {size!r} for {data}; choose one of '
+                     f'{["edm2_" + s for s in EDM2_RELEASED[data]]}')
+  channels, _ = EDM2_RELEASED[data][size]
+  table_size = 's' if size == 'xs' else size
+  c = imagenet512(table_size, 'scd') if data == 'imagenet512' else imagenet64(table_size, 'scd')
+  c.model.update(dict(edm2.PLAIN, channels=channels, sigma_data=c.trigflow.sigma_d))
+  c.teacher.ema = ''   # an imported workdir holds the file's (EMA) weights as its params
+  if data == 'imagenet512':
+    c.data.path = 'data/imagenet512_edm2_latents_{split}.npy'
+    c.vae.shift = EDM2_LATENT_RAW_MEAN
+    c.vae.scale = tuple(c.trigflow.sigma_d / s for s in EDM2_LATENT_RAW_STD)
+    c.vae.sample_posterior = True  # EDM2 encodes its data set with a posterior sample
+  return c

@@ -145,6 +145,14 @@ def test_import_cli_writes_a_teacher_workdir_that_reproduces_the_fixture(ref, tm
   assert max(_errors(model, params, ref).values()) <= TOL
   with pytest.raises(Exception, match='already holds checkpoints'):
     import_edm2.import_network(PKL, out)
+  # a student on other latents is refused before any weight is read
+  from scm_jax.config import base_config
+  c = base_config('edm2')
+  c.model.update(tc.model.to_dict())
+  c.loss.kind, c.teacher.workdir, c.data.latents = 'scd', out, True
+  c.vae.shift = (0.0,) * 4
+  with pytest.raises(ConfigError, match='vae.shift.*latent statistics'):
+    teacher_lib.resolve(c, (16, 16, 4), params)
   # and back: --export writes NVlabs' layout, bit-equal to the fixture
   import_edm2.export_network(out, str(tmp_path / 'sd.npz'))
   with np.load(tmp_path / 'sd.npz', allow_pickle=False) as z:

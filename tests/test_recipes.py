@@ -229,3 +229,44 @@ def test_alternative_backbones_keep_every_paper_setting():
   assert alt.model.name == 'dit' and alt.model.guidance_embed and alt.model.num_classes == 1000
   for section in ('optim', 'loss', 'teacher', 'sample', 'train', 'vae', 'data'):
     assert alt[section].to_dict() == c[section].to_dict(), section
+
+
+# NVlabs' released EDM2 networks (train_edm2.py presets), re-typed: channels, dropout.
+RELEASED = {'imagenet512': {'xs': (128, 0.0), 's': (192, 0.0), 'm': (256, 0.1),
+                            'l': (320, 0.1), 'xl': (384, 0.1), 'xxl': (448, 0.1)},
+            'imagenet64': {'s': (192, 0.0), 'm': (256, 0.1), 'l': (320, 0.1),
+                           'xl': (384, 0.1)}}
+
+
+@pytest.mark.parametrize('data,size', [
+    (d, s) if (d, s) in (('imagenet64', 's'), ('imagenet512', 'xs'))
+    else pytest.param(d, s, marks=pytest.mark.slow)
+    for d in RELEASED for s in RELEASED[d]])
+def test_released_edm2_recipes_start_from_the_imported_network(data, size):
+  """configs/<data>_scd.py:edm2_<size>: the student is the released network's plain
+  architecture (same parameter shapes as the network the importer builds from NVlabs'
+  constructor arguments, plus the guidance input on ImageNet 512), with EDM2's latents."""
+  import jax
+  import jax.numpy as jnp
+  from scm_jax.models import build_model
+  from scm_jax.models import edm2_convert
+  c = importlib.import_module(f'configs.{data}_scd').get_config(f'edm2_{size}')
+  validate_config(c)
+  channels, dropout = RELEASED[data][size]
+  fields, shape = edm2_convert.network_config(dict(
+      img_resolution=64, img_channels=4 if data == 'imagenet512' else 3, label_dim=1000,
+      model_channels=channels, dropout=dropout))
+  assert shape == ((64, 64, 4) if data == 'imagenet512' else (64, 64, 3))
+
+  def shapes(model):
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape),
+                                             jnp.zeros(1), jnp.zeros(1, jnp.int32))['params'])
+    return {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  student, teacher = shapes(build_model(c.model)), shapes(build_model(fields))
+  extra = {k for k in student if k not in teacher}
+  assert all('guidance' in k for k in extra) and bool(extra) == (data == 'imagenet512')
+  assert {k: student[k] for k in teacher} == teacher
+  assert c.model.channels == channels and c.teacher.ema == '' and c.loss.kind == 'scd'
+  if data == 'imagenet512':  # EDM2's encoder: latents = (raw - mean) * 0.5 / std
+    assert c.vae.shift == pytest.approx((5.81, 3.25, 0.12, -2.15))
+    assert c.vae.scale == pytest.approx(tuple(0.5 / s for s in (4.17, 4.62, 3.71, 3.28)))

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import flax
 import jax
 import ml_collections
+import numpy as np
 
 from scm_jax import models as models_lib
 from scm_jax.core import losses
@@ -221,6 +222,13 @@ def resolve(config: ml_collections.ConfigDict, data_shape, student_params) -> Te
   tc = teacher_config(c.teacher.workdir)
   _check_same('trigflow.sigma_d', c.trigflow.sigma_d, tc.trigflow.sigma_d,
               "set --config.trigflow.sigma_d to the teacher's value.")
+  if c.data.get('latents', False) or tc.data.get('latents', False):
+    for field in ('shift', 'scale'):  # the student must see the teacher's latents
+      mine, theirs = np.ravel(c.vae[field]), np.ravel(tc.vae[field])
+      if mine.shape != theirs.shape or not np.allclose(mine, theirs, rtol=1e-3, atol=1e-4):
+        _check_same(f'vae.{field}', tuple(mine.tolist()), tuple(theirs.tolist()),
+                    "encode the data with the teacher's latent statistics (its config.json "
+                    'vae.shift / vae.scale; an imported EDM2 network records its own).')
   load = lambda: load_weights(c.teacher.workdir, tc, data_shape, c.teacher.ema,
                               c.teacher.step, 'config.teacher.workdir')
   if not drift:  # sCT from the teacher: its weights only
