@@ -17,6 +17,7 @@ Prints a table and writes JSON (benchmarks/results/edm2_digits.json).
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,9 +38,10 @@ def _cli(module: str, *args: str) -> float:
 def _evaluate(workdir: str, num: int, *args: str) -> dict:
   _cli('scm_jax.evaluate', f'--workdir={workdir}', f'--metrics={METRICS}', f'--num={num}',
        *args)
-  evals = sorted(os.listdir(os.path.join(workdir, 'eval')),
-                 key=lambda f: int(f.split('_')[-1].split('.')[0]))
-  with open(os.path.join(workdir, 'eval', evals[-1])) as f:
+  evals = [f for f in os.listdir(os.path.join(workdir, 'eval'))
+           if re.fullmatch(r'metrics_\d+\.json', f)]
+  latest = max(evals, key=lambda f: int(f[len('metrics_'):-len('.json')]))
+  with open(os.path.join(workdir, 'eval', latest)) as f:
     return json.load(f)['results']
 
 
@@ -86,7 +88,7 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument('--workdir', default='runs/edm2_digits')
   p.add_argument('--teacher_steps', type=int, default=3000)
-  p.add_argument('--student_steps', type=int, default=2000)
+  p.add_argument('--student_steps', type=int, default=1000)
   p.add_argument('--num', type=int, default=1000)
   p.add_argument('--out', default='benchmarks/results/edm2_digits.json')
   args = p.parse_args()

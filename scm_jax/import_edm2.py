@@ -34,15 +34,6 @@ from scm_jax.infra import safe_pickle
 from scm_jax.models import build_model
 from scm_jax.models import edm2_convert
 
-_SRC = flags.DEFINE_string('src', None, 'Released EDM2 pickle, .npz or .safetensors.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Teacher workdir to write (import) or the '
-                               'run to read (--export).')
-_NET_KWARGS = flags.DEFINE_string('net_kwargs', '', 'JSON constructor arguments of '
-                                  'networks_edm2.Precond, for a bare state dict.')
-_EXPORT = flags.DEFINE_bool('export', False, 'Export --workdir to --out instead.')
-_OUT = flags.DEFINE_string('out', None, '--export: the .npz to write.')
-_EMA = flags.DEFINE_string('ema', '', "--export: weights ('' = first EMA, 'params', a name).")
-
 _SAFETENSORS_DTYPES = {'F32': np.dtype('<f4'), 'F16': np.dtype('<f2'), 'F64': np.dtype('<f8')}
 
 
@@ -216,16 +207,31 @@ def export_network(workdir: str, out: str, ema: str = '') -> str:
 
 def main(argv):
   del argv
-  if _EXPORT.value:
-    if not (_WORKDIR.value and _OUT.value):
+  f = flags.FLAGS
+  if f.export:
+    if not (f.workdir and f.out):
       raise ConfigError('--export needs --workdir=RUN and --out=FILE.npz.')
-    print(export_network(_WORKDIR.value, _OUT.value, _EMA.value))
+    print(export_network(f.workdir, f.out, f.ema))
     return
-  if not (_SRC.value and _WORKDIR.value):
+  if not (f.src and f.workdir):
     raise ConfigError('pass --src=FILE (.pkl, .npz or .safetensors) and --workdir=OUT.')
-  kwargs = json.loads(_NET_KWARGS.value) if _NET_KWARGS.value else None
-  print(import_network(_SRC.value, _WORKDIR.value, kwargs))
+  kwargs = json.loads(f.net_kwargs) if f.net_kwargs else None
+  print(import_network(f.src, f.workdir, kwargs))
+
+
+def _define_flags():
+  # Defined at run time, not import: other entry points own the same flag names, and the
+  # library (import_network, export_network) is imported alongside them.
+  flags.DEFINE_string('src', None, 'Released EDM2 pickle, .npz or .safetensors.')
+  flags.DEFINE_string('workdir', None, 'Teacher workdir to write (import) or the run to read '
+                      '(--export).')
+  flags.DEFINE_string('net_kwargs', '', 'JSON constructor arguments of '
+                      'networks_edm2.Precond, for a bare state dict.')
+  flags.DEFINE_bool('export', False, 'Export --workdir to --out instead.')
+  flags.DEFINE_string('out', None, '--export: the .npz to write.')
+  flags.DEFINE_string('ema', '', "--export: weights ('' = first EMA, 'params', a name).")
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)
