@@ -15,7 +15,9 @@ teacher velocity; stage 'guided' trains a guidance-conditioned student instead (
 s ~ U[1, 2]; `scm_jax.sample --guidance=s` then costs one evaluation per step). The U-Net
 is the digits default (24 channels, batch 64). Stage 'vsd': sCD + adaptive VSD
 (Appendix C) for a few hundred steps after sCD, from the sCD run's weights
-(teacher.student_workdir), F_phi from the teacher.
+(teacher.student_workdir), F_phi from the teacher; its variants (F_phi warm-up, several
+F_phi updates per step, the residual's units, the weight head) are loss.vsd_* fields,
+compared by `python -m benchmarks.digits_vsd` (docs/training.md).
 
 Stages 'edm2_teacher' / 'edm2_student': the same with a small EDM2 in NVlabs' own
 parameterization (`edm2_plain`), the layout of their released networks; docs/teachers.md

@@ -13,6 +13,7 @@ from scm_jax import data as data_lib
 from scm_jax import models as models_lib
 from scm_jax.core import losses
 from scm_jax.core import sampling
+from scm_jax.core import vsd
 from scm_jax.errors import ConfigError
 from scm_jax.infra import distributed as distributed_lib
 from scm_jax.infra import sharding
@@ -51,6 +52,11 @@ def base_config(model: str = 'unet') -> ml_collections.ConfigDict:
   c.loss.vsd_sigma_max = 80.0          # 1-step samples from t_max = arctan(80 / sigma_d)
   c.loss.vsd_phi_p_mean = -0.8         # F_phi's diffusion loss proposal
   c.loss.vsd_phi_p_std = 1.6
+  c.loss.vsd_residual = 'F'            # F (the paper's units) | x0 (an earlier variant)
+  c.loss.vsd_weight_head = 'separate'  # separate (w_psi, the paper's) | student (shares w)
+  c.loss.vsd_phi_updates = 1           # F_phi updates per student update (DMD2, rCM: more)
+  c.loss.vsd_phi_warmup_steps = 0      # first steps: only F_phi learns, on student samples
+  c.loss.vsd_diagnostic = True         # log rms of d on student samples vs on real data
   c.loss.num_time_buckets = 8          # loss-by-time metrics
   c.loss.label_dropout = 0.0           # classifier-free guidance training
   c.loss.shared_forward = True         # sCT/sCD: F_theta is the primal of the jvp (1 forward)
@@ -162,6 +168,18 @@ def _check_consistency_variants(c: ml_collections.ConfigDict) -> None:
            'train.microbatches=1.')
     _check(c.loss.vsd_p_std > 0 and c.loss.vsd_phi_p_std > 0 and c.loss.vsd_sigma_max > 0,
            'config.loss.vsd_p_std, vsd_phi_p_std and vsd_sigma_max must be > 0.')
+    for field, options in (('vsd_residual', vsd.RESIDUALS),
+                           ('vsd_weight_head', vsd.WEIGHT_HEADS)):
+      value = c.loss.get(field, options[0])
+      _check(value in options, f'config.loss.{field}={value!r} is unknown; choose one of '
+             f'{options}.')
+    updates, warmup = c.loss.get('vsd_phi_updates', 1), c.loss.get('vsd_phi_warmup_steps', 0)
+    _check(isinstance(updates, int) and updates >= 1,
+           f'config.loss.vsd_phi_updates={updates!r} must be an integer >= 1 (F_phi updates '
+           'per student update).')
+    _check(isinstance(warmup, int) and 0 <= warmup < c.train.num_steps,
+           f'config.loss.vsd_phi_warmup_steps={warmup!r} must be an integer in [0, '
+           f'train.num_steps={c.train.num_steps}) (steps in which only F_phi learns).')
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:

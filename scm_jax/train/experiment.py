@@ -135,7 +135,10 @@ class Experiment:
     if params is not None:
       params = jax.device_put(params, teacher_lib.restrict(self.state_shardings.params, params))
     if aux is not None:  # scd_vsd: F_phi from the teacher
-      aux = jax.device_put(aux, self.state_shardings.aux_params)
+      aux_shardings = self.state_shardings.aux_params
+      if state_lib.vsd_separate_head(self.config):
+        aux_shardings = aux_shardings['phi']
+      aux = jax.device_put(aux, aux_shardings)
     init = jax.jit(self._init, out_shardings=self.state_shardings)
     return init(jax.random.PRNGKey(seed), params, aux)
 

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from scm_jax import models as models_lib
+from scm_jax.core import vsd as vsd_lib
 from scm_jax.errors import ConfigError
 
 
@@ -59,7 +60,10 @@ def learning_rate_schedule(c: ml_collections.ConfigDict, num_steps: int):
   return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), after], [warm])
 
 
-def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(c: ml_collections.ConfigDict,
+                   project: bool = True) -> optax.GradientTransformation:
+  """config.optim's optimizer; with `project`, followed by the model's parameter
+  projection (off for parameters that are not the model's, e.g. the VSD weight head)."""
   o = c.optim
   lr = learning_rate_schedule(c, c.train.num_steps)
   if o.name == 'adam':
@@ -72,7 +76,7 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
     raise ConfigError(f'config.optim.name={o.name!r} is unknown; choose one of {OPTIMIZERS}.')
   if o.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
-  projection = models_lib.build_model(c.model).param_projection()
+  projection = models_lib.build_model(c.model).param_projection() if project else None
   if projection is not None:  # e.g. EDM2's forced weight normalization
     opt = optax.chain(opt, projected(projection))
   return opt
@@ -165,6 +169,13 @@ def has_aux_model(c: ml_collections.ConfigDict) -> bool:
   return c.loss.kind == 'scd_vsd'
 
 
+def vsd_separate_head(c: ml_collections.ConfigDict) -> bool:
+  """Whether the VSD term has its own weight head w_psi: then aux_params = {'phi': F_phi,
+  'psi': w_psi} (and aux_opt_state one optimizer state each); otherwise aux_params is
+  F_phi (the layout of earlier VSD runs)."""
+  return has_aux_model(c) and c.loss.get('vsd_weight_head', 'separate') == 'separate'
+
+
 def create_train_state(c: ml_collections.ConfigDict, model, data_shape, key,
                        tx=None, params=None, aux_params=None) -> TrainState:
   """Fresh TrainState. `params` may be given (e.g. a student initialised from a teacher);
@@ -180,6 +191,11 @@ def create_train_state(c: ml_collections.ConfigDict, model, data_shape, key,
   if has_aux_model(c):
     aux_params = jax.tree.map(jnp.copy, params if aux_params is None else aux_params)
     aux_opt_state = tx.init(aux_params)
+    if vsd_separate_head(c):  # its own key: the other draws stay those of earlier runs
+      psi = vsd_lib.init_weight_head(jax.random.fold_in(key, 0x5e1))
+      aux_params = {'phi': aux_params, 'psi': psi}
+      aux_opt_state = {'phi': aux_opt_state,
+                       'psi': make_optimizer(c, project=False).init(psi)}
   else:
     aux_params = None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=ema,

@@ -8,6 +8,7 @@ into k parts inside the step (`lax.scan`), gradients (float32) and metrics accum
 and the optimizer and EMAs update once, as for the unsplit batch.
 """
 
+import functools
 import math
 import zlib
 from typing import Callable, Optional
@@ -188,8 +189,11 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
     if guidance_max > 1:
       batch['guidance'] = draw_guidance(k_label, guidance_max)
     aux = None
+    moving = True  # the student learns (scd_vsd: after F_phi's warm-up)
     if aux_model:
-      (loss, metrics), grads, aux = vsd_step(c, model, apply_fn, dxdt, state, batch, k_loss)
+      (loss, metrics), grads, aux = vsd_step(c, model, apply_fn, dxdt, state, batch, k_loss,
+                                             tx)
+      moving = state.step >= int(c.loss.get('vsd_phi_warmup_steps', 0))
     elif k == 1:
       (loss, metrics), grads = grad_fn(state.params, batch, k_loss, state.step)
     else:
@@ -197,27 +201,26 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
                                                     state.step, k)
     finite = jnp.isfinite(loss) & all_finite(grads)
     if aux is not None:
-      aux_grads, aux_metrics = aux
-      finite = finite & all_finite(aux_grads) & jnp.isfinite(aux_metrics['aux_loss'])
+      new_aux, new_aux_opt, aux_finite, aux_metrics = aux
+      finite = finite & aux_finite
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state_lib.update_ema(state.ema, params, state.step + 1)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    keep_if = lambda ok, new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    keep = functools.partial(keep_if, finite)
+    learn = functools.partial(keep_if, finite & moving)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(params, state.params),
-        ema=keep(ema, state.ema),
-        opt_state=keep(opt_state, state.opt_state),
+        params=learn(params, state.params),
+        ema=learn(ema, state.ema),
+        opt_state=learn(opt_state, state.opt_state),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1))
-    if aux is not None:  # one F_phi update per student update
-      aux_updates, aux_opt = tx.update(aux_grads, state.aux_opt_state, state.aux_params)
-      new_state = new_state.replace(
-          aux_params=keep(optax.apply_updates(state.aux_params, aux_updates),
-                          state.aux_params),
-          aux_opt_state=keep(aux_opt, state.aux_opt_state))
-      metrics = dict(metrics, **aux_metrics, aux_grad_norm=optax.global_norm(aux_grads))
+    if aux is not None:
+      new_state = new_state.replace(aux_params=keep(new_aux, state.aux_params),
+                                    aux_opt_state=keep(new_aux_opt, state.aux_opt_state))
+      metrics = dict(metrics, **aux_metrics, vsd_student_moves=jnp.float32(moving))
     metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                    param_norm=optax.global_norm(state.params),
                    skipped=(~finite).astype(jnp.float32))
@@ -226,22 +229,57 @@ def make_train_step(c: ml_collections.ConfigDict, model, tx: optax.GradientTrans
   return train_step
 
 
-def vsd_step(c, model, apply_fn, dxdt_fn, state, batch, keys):
-  """sCD + VSD (core/vsd.py): ((loss, metrics), student grads, (F_phi grads, metrics)).
+def vsd_step(c, model, apply_fn, dxdt_fn, state, batch, keys, tx):
+  """sCD + VSD (core/vsd.py): ((loss, metrics), student grads, (new aux params, new aux
+  optimizer state, whether they are finite, metrics)).
 
-  The student's gradient uses the current F_phi (stop-gradient); F_phi's diffusion loss
-  is on the 1-step samples of the current student, so both updates come from the same
-  step's draws.
+  F_phi first takes loss.vsd_phi_updates - 1 updates on fresh 1-step samples of the
+  current student; the student's gradient then uses that F_phi (stop-gradient), and
+  F_phi's last update is on the student's samples of that gradient, so with one update
+  both come from the same draws. w_psi (loss.vsd_weight_head='separate') is trained by
+  the VSD term alone, with its own optimizer state.
   """
   student_fn, aux_fn = vsd_lib.make_scd_vsd_loss_fns(
       c.loss, apply_fn, model_apply_fn(model, train=False), c.trigflow.sigma_d, dxdt_fn)
+  separate = state_lib.vsd_separate_head(c)
+  aux, aux_opt = state.aux_params, state.aux_opt_state
+  phi, psi = (aux['phi'], aux['psi']) if separate else (aux, None)
+  phi_opt = aux_opt['phi'] if separate else aux_opt
+  labels = batch.get('label')
   k_student, k_aux = losses.split_keys(keys)
-  (loss, (metrics, x_hat)), grads = jax.value_and_grad(student_fn, has_aux=True)(
-      state.params, state.aux_params, batch, k_student, state.step)
-  (aux_loss, aux_m), aux_grads = jax.value_and_grad(aux_fn, has_aux=True)(
-      state.aux_params, x_hat, batch.get('label'), k_aux)
-  aux_metrics = {'aux_loss': aux_loss, 'aux_mse': aux_m['mse']}
-  return (loss, metrics), grads, (aux_grads, aux_metrics)
+  aux_grad_fn = jax.value_and_grad(aux_fn, has_aux=True)
+
+  def phi_update(phi, phi_opt, x_hat, k):
+    (loss, m), g = aux_grad_fn(phi, x_hat, labels, k)
+    updates, phi_opt = tx.update(g, phi_opt, phi)
+    return optax.apply_updates(phi, updates), phi_opt, loss, m, g
+
+  def extra_update(j, carry):
+    phi, phi_opt = carry
+    k_j = jax.vmap(lambda k: jax.random.fold_in(k, j + 1))(k_aux)
+    k_sample, k_loss = losses.split_keys(k_j)
+    x_hat = jax.lax.stop_gradient(vsd_lib.student_samples(
+        apply_fn, state.params, batch['x'].shape, labels, k_sample, c.trigflow.sigma_d,
+        c.loss.vsd_sigma_max))
+    return phi_update(phi, phi_opt, x_hat, k_loss)[:2]
+
+  extra = int(c.loss.get('vsd_phi_updates', 1)) - 1
+  if extra:  # (a loop of no iterations would still be compiled)
+    phi, phi_opt = jax.lax.fori_loop(0, extra, extra_update, (phi, phi_opt))
+  (loss, (metrics, x_hat)), (grads, psi_grads) = jax.value_and_grad(student_fn, has_aux=True)(
+      (state.params, psi), phi, batch, k_student, state.step)
+  phi, phi_opt, aux_loss, aux_m, phi_grads = phi_update(phi, phi_opt, x_hat, k_aux)
+  if separate:
+    updates, psi_opt = state_lib.make_optimizer(c, project=False).update(
+        psi_grads, aux_opt['psi'], psi)
+    new_aux = {'phi': phi, 'psi': optax.apply_updates(psi, updates)}
+    new_opt = {'phi': phi_opt, 'psi': psi_opt}
+  else:
+    new_aux, new_opt = phi, phi_opt
+  finite = all_finite(new_aux) & all_finite(phi_grads) & jnp.isfinite(aux_loss)
+  aux_metrics = {'aux_loss': aux_loss, 'aux_mse': aux_m['mse'],
+                 'aux_grad_norm': optax.global_norm(phi_grads)}
+  return (loss, metrics), grads, (new_aux, new_opt, finite, aux_metrics)
 
 
 def jit_train_step(train_step: Callable, state_shardings, mesh,
