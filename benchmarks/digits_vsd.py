@@ -72,6 +72,14 @@ def _train(workdir: str, name: str, train_seed: int) -> float:
 
 
 def _evaluate(run_dir: str, steps: str, num: int, seed: int) -> dict:
+  """The evaluate CLI's results at sampling seed `seed`, kept per seed in
+  eval/digits_vsd_seed<seed>.json (the CLI's metrics file holds the last seed only)."""
+  cache = os.path.join(run_dir, 'eval', f'digits_vsd_seed{seed}.json')
+  if os.path.exists(cache):
+    with open(cache) as f:
+      kept = json.load(f)
+    if kept['num'] == num:
+      return kept['results']
   args = [f'--workdir={run_dir}', f'--metrics={METRICS}', f'--num={num}', f'--seed={seed}',
           f'--steps={steps}']
   if steps == '18':
@@ -81,7 +89,10 @@ def _evaluate(run_dir: str, steps: str, num: int, seed: int) -> dict:
            if re.fullmatch(r'metrics_\d+\.json', f)]
   latest = max(evals, key=lambda f: int(f[len('metrics_'):-len('.json')]))
   with open(os.path.join(run_dir, 'eval', latest)) as f:
-    return json.load(f)['results']
+    results = json.load(f)['results']
+  with open(cache, 'w') as f:
+    json.dump({'num': num, 'results': results}, f, indent=1)
+  return results
 
 
 def _finished(run_dir: str) -> bool:

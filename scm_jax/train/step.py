@@ -263,9 +263,9 @@ def vsd_step(c, model, apply_fn, dxdt_fn, state, batch, keys, tx):
         c.loss.vsd_sigma_max))
     return phi_update(phi, phi_opt, x_hat, k_loss)[:2]
 
-  extra = int(c.loss.get('vsd_phi_updates', 1)) - 1
-  if extra:  # (a loop of no iterations would still be compiled)
-    phi, phi_opt = jax.lax.fori_loop(0, extra, extra_update, (phi, phi_opt))
+  # Unrolled: as a lax loop, k = 4 ran at 4 s/step on digits on CPU (k = 1: 0.4 s).
+  for j in range(int(c.loss.get('vsd_phi_updates', 1)) - 1):
+    phi, phi_opt = extra_update(j, (phi, phi_opt))
   (loss, (metrics, x_hat)), (grads, psi_grads) = jax.value_and_grad(student_fn, has_aux=True)(
       (state.params, psi), phi, batch, k_student, state.step)
   phi, phi_opt, aux_loss, aux_m, phi_grads = phi_update(phi, phi_opt, x_hat, k_aux)
