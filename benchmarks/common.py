@@ -14,6 +14,7 @@ Rules every benchmark follows (so numbers mean the same on CPU, GPU and TPU):
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from typing import Callable, Optional
@@ -145,3 +146,13 @@ def write_json(path: str, payload: dict) -> None:
 def default_out(name: str) -> str:
   kind = jax.devices()[0].device_kind.replace(' ', '_').replace('/', '_')
   return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', f'{name}_{kind}.json')
+
+
+def latest_eval_results(workdir: str) -> dict:
+  """The results of the evaluate CLI's newest checkpoint in WORKDIR/eval/metrics_<step>.json
+  (other files there, e.g. caches, are not its)."""
+  eval_dir = os.path.join(workdir, 'eval')
+  steps = [int(m.group(1)) for f in os.listdir(eval_dir)
+           if (m := re.fullmatch(r'metrics_(\d+)\.json', f))]
+  with open(os.path.join(eval_dir, f'metrics_{max(steps)}.json')) as f:
+    return json.load(f)['results']

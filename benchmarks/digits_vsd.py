@@ -23,12 +23,13 @@ seed in the JSON); prints a table and writes benchmarks/results/digits_vsd.json.
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from benchmarks import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = 'fd_digits,pr_digits,digits_cls'
@@ -85,11 +86,7 @@ def _evaluate(run_dir: str, steps: str, num: int, seed: int) -> dict:
   if steps == '18':
     args.append('--solver=heun')
   subprocess.run([sys.executable, '-m', 'scm_jax.evaluate', *args], cwd=REPO, check=True)
-  evals = [f for f in os.listdir(os.path.join(run_dir, 'eval'))
-           if re.fullmatch(r'metrics_\d+\.json', f)]
-  latest = max(evals, key=lambda f: int(f[len('metrics_'):-len('.json')]))
-  with open(os.path.join(run_dir, 'eval', latest)) as f:
-    results = json.load(f)['results']
+  results = common.latest_eval_results(run_dir)
   with open(cache, 'w') as f:
     json.dump({'num': num, 'results': results}, f, indent=1)
   return results

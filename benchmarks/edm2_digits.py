@@ -17,13 +17,14 @@ Prints a table and writes JSON (benchmarks/results/edm2_digits.json).
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+
+from benchmarks import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = 'fd_digits,pr_digits,digits_cls'
@@ -38,11 +39,7 @@ def _cli(module: str, *args: str) -> float:
 def _evaluate(workdir: str, num: int, *args: str) -> dict:
   _cli('scm_jax.evaluate', f'--workdir={workdir}', f'--metrics={METRICS}', f'--num={num}',
        *args)
-  evals = [f for f in os.listdir(os.path.join(workdir, 'eval'))
-           if re.fullmatch(r'metrics_\d+\.json', f)]
-  latest = max(evals, key=lambda f: int(f[len('metrics_'):-len('.json')]))
-  with open(os.path.join(workdir, 'eval', latest)) as f:
-    return json.load(f)['results']
+  return common.latest_eval_results(workdir)
 
 
 def imported_equals_original(original: str, imported: str, ema: str) -> bool:

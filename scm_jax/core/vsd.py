@@ -54,12 +54,17 @@ RESIDUALS = ('F', 'x0')
 WEIGHT_HEADS = ('separate', 'student')
 
 
-def student_samples(apply_fn, params, x0_shape, labels, keys, sigma_d, sigma_max):
-  """1-step samples of the student from t_max, example i's noise and dropout from keys[i]."""
-  k_noise, k_drop = losses.split_keys(keys)
-  draw = jax.vmap(lambda k: sigma_d * jax.random.normal(k, x0_shape[1:], jnp.float32))
-  return one_step_samples(apply_fn, params, draw(k_noise), labels, k_drop, sigma_d,
-                          t_max(sigma_max, sigma_d))
+def _gaussian(keys, x0_shape, sigma_d):
+  """N(0, sigma_d^2 I) of one example's shape from each of `keys` [B]."""
+  return jax.vmap(lambda k: sigma_d * jax.random.normal(k, x0_shape[1:], jnp.float32))(keys)
+
+
+def student_samples(apply_fn, params, x0_shape, labels, noise_keys, drop_keys, sigma_d,
+                    sigma_max):
+  """1-step samples of the student from t_max, example i's noise from noise_keys[i] and
+  its dropout from drop_keys[i]."""
+  return one_step_samples(apply_fn, params, _gaussian(noise_keys, x0_shape, sigma_d), labels,
+                          drop_keys, sigma_d, t_max(sigma_max, sigma_d))
 
 
 def init_weight_head(key, hidden: int = 64, num_freqs: int = 16) -> dict:
@@ -117,12 +122,11 @@ def vsd_loss(params, phi_params, x0_shape, labels, keys, *, apply_fn, eval_apply
   same t' and z'.
   """
   k_noise, k_t, k_z, k_drop = losses.split_keys(keys, 4)
-  draw = jax.vmap(lambda k: sigma_d * jax.random.normal(k, x0_shape[1:], jnp.float32))
-  x_hat = one_step_samples(apply_fn, params, draw(k_noise), labels, k_drop, sigma_d,
-                           t_max(sigma_max, sigma_d))
+  x_hat = student_samples(apply_fn, params, x0_shape, labels, k_noise, k_drop, sigma_d,
+                          sigma_max)
   t = jax.vmap(lambda k: trigflow.sample_t(k, (), p_mean, p_std, sigma_d))(k_t)
   x_hat_sg = jax.lax.stop_gradient(x_hat)
-  z = draw(k_z)
+  z = _gaussian(k_z, x0_shape, sigma_d)
   res = functools.partial(residual, eval_apply_fn=eval_apply_fn, dxdt_fn=dxdt_fn,
                           sigma_d=sigma_d, units=units)
   d, x_t = res(phi_params, x_hat_sg, z, t, labels)

@@ -135,10 +135,8 @@ class Experiment:
     if params is not None:
       params = jax.device_put(params, teacher_lib.restrict(self.state_shardings.params, params))
     if aux is not None:  # scd_vsd: F_phi from the teacher
-      aux_shardings = self.state_shardings.aux_params
-      if state_lib.vsd_separate_head(self.config):
-        aux_shardings = aux_shardings['phi']
-      aux = jax.device_put(aux, aux_shardings)
+      phi_shardings, _ = state_lib.vsd_parts(self.config, self.state_shardings.aux_params)
+      aux = jax.device_put(aux, phi_shardings)
     init = jax.jit(self._init, out_shardings=self.state_shardings)
     return init(jax.random.PRNGKey(seed), params, aux)
 

@@ -176,6 +176,16 @@ def vsd_separate_head(c: ml_collections.ConfigDict) -> bool:
   return has_aux_model(c) and c.loss.get('vsd_weight_head', 'separate') == 'separate'
 
 
+def vsd_parts(c: ml_collections.ConfigDict, aux):
+  """(F_phi part, w_psi part or None) of aux_params, aux_opt_state or their shardings."""
+  return (aux['phi'], aux['psi']) if vsd_separate_head(c) else (aux, None)
+
+
+def vsd_join(c: ml_collections.ConfigDict, phi, psi):
+  """The inverse of `vsd_parts`."""
+  return {'phi': phi, 'psi': psi} if vsd_separate_head(c) else phi
+
+
 def create_train_state(c: ml_collections.ConfigDict, model, data_shape, key,
                        tx=None, params=None, aux_params=None) -> TrainState:
   """Fresh TrainState. `params` may be given (e.g. a student initialised from a teacher);
@@ -189,13 +199,12 @@ def create_train_state(c: ml_collections.ConfigDict, model, data_shape, key,
   ema = {name: jax.tree.map(jnp.copy, params) for name in ema_names(c)}
   aux_opt_state = None
   if has_aux_model(c):
-    aux_params = jax.tree.map(jnp.copy, params if aux_params is None else aux_params)
-    aux_opt_state = tx.init(aux_params)
+    phi = jax.tree.map(jnp.copy, params if aux_params is None else aux_params)
+    psi = psi_opt = None
     if vsd_separate_head(c):  # its own key: the other draws stay those of earlier runs
       psi = vsd_lib.init_weight_head(jax.random.fold_in(key, 0x5e1))
-      aux_params = {'phi': aux_params, 'psi': psi}
-      aux_opt_state = {'phi': aux_opt_state,
-                       'psi': make_optimizer(c, project=False).init(psi)}
+      psi_opt = make_optimizer(c, project=False).init(psi)
+    aux_params, aux_opt_state = vsd_join(c, phi, psi), vsd_join(c, tx.init(phi), psi_opt)
   else:
     aux_params = None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=ema,

@@ -241,10 +241,8 @@ def vsd_step(c, model, apply_fn, dxdt_fn, state, batch, keys, tx):
   """
   student_fn, aux_fn = vsd_lib.make_scd_vsd_loss_fns(
       c.loss, apply_fn, model_apply_fn(model, train=False), c.trigflow.sigma_d, dxdt_fn)
-  separate = state_lib.vsd_separate_head(c)
-  aux, aux_opt = state.aux_params, state.aux_opt_state
-  phi, psi = (aux['phi'], aux['psi']) if separate else (aux, None)
-  phi_opt = aux_opt['phi'] if separate else aux_opt
+  phi, psi = state_lib.vsd_parts(c, state.aux_params)
+  phi_opt, psi_opt = state_lib.vsd_parts(c, state.aux_opt_state)
   labels = batch.get('label')
   k_student, k_aux = losses.split_keys(keys)
   aux_grad_fn = jax.value_and_grad(aux_fn, has_aux=True)
@@ -254,28 +252,22 @@ def vsd_step(c, model, apply_fn, dxdt_fn, state, batch, keys, tx):
     updates, phi_opt = tx.update(g, phi_opt, phi)
     return optax.apply_updates(phi, updates), phi_opt, loss, m, g
 
-  def extra_update(j, carry):
-    phi, phi_opt = carry
-    k_j = jax.vmap(lambda k: jax.random.fold_in(k, j + 1))(k_aux)
-    k_sample, k_loss = losses.split_keys(k_j)
-    x_hat = jax.lax.stop_gradient(vsd_lib.student_samples(
-        apply_fn, state.params, batch['x'].shape, labels, k_sample, c.trigflow.sigma_d,
-        c.loss.vsd_sigma_max))
-    return phi_update(phi, phi_opt, x_hat, k_loss)[:2]
-
   # Unrolled: as a lax loop, k = 4 ran at 4 s/step on digits on CPU (k = 1: 0.4 s).
   for j in range(int(c.loss.get('vsd_phi_updates', 1)) - 1):
-    phi, phi_opt = extra_update(j, (phi, phi_opt))
+    k_j = jax.vmap(lambda k, j=j: jax.random.fold_in(k, j + 1))(k_aux)
+    k_sample, k_loss = losses.split_keys(k_j)
+    x_hat = jax.lax.stop_gradient(vsd_lib.student_samples(
+        apply_fn, state.params, batch['x'].shape, labels, *losses.split_keys(k_sample),
+        c.trigflow.sigma_d, c.loss.vsd_sigma_max))
+    phi, phi_opt = phi_update(phi, phi_opt, x_hat, k_loss)[:2]
   (loss, (metrics, x_hat)), (grads, psi_grads) = jax.value_and_grad(student_fn, has_aux=True)(
       (state.params, psi), phi, batch, k_student, state.step)
   phi, phi_opt, aux_loss, aux_m, phi_grads = phi_update(phi, phi_opt, x_hat, k_aux)
-  if separate:
+  if psi is not None:
     updates, psi_opt = state_lib.make_optimizer(c, project=False).update(
-        psi_grads, aux_opt['psi'], psi)
-    new_aux = {'phi': phi, 'psi': optax.apply_updates(psi, updates)}
-    new_opt = {'phi': phi_opt, 'psi': psi_opt}
-  else:
-    new_aux, new_opt = phi, phi_opt
+        psi_grads, psi_opt, psi)
+    psi = optax.apply_updates(psi, updates)
+  new_aux, new_opt = state_lib.vsd_join(c, phi, psi), state_lib.vsd_join(c, phi_opt, psi_opt)
   finite = all_finite(new_aux) & all_finite(phi_grads) & jnp.isfinite(aux_loss)
   aux_metrics = {'aux_loss': aux_loss, 'aux_mse': aux_m['mse'],
                  'aux_grad_norm': optax.global_norm(phi_grads)}
